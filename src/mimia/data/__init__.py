@@ -1,0 +1,1 @@
+"""Data: image sources, the role split and webdataset shards."""
