@@ -1,0 +1,227 @@
+"""MIM pre-training as MAE's ``main_pretrain.py`` does it, resumable and deterministic on CPU.
+
+AdamW (betas 0.9/0.95) with no weight decay on biases and norms, lr = blr * batch / 256,
+per-iteration cosine schedule after a linear warm-up, optional RandomResizedCrop + flip,
+gradient accumulation, bf16 autocast on CUDA. Every ``checkpoint_every`` epochs the model,
+optimizer, RNG states and loss history go to a resume file; a killed run restarted with the
+same arguments continues from there and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mimia.masking import random_masks
+from mimia.models.base import MIMModel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 64
+    accum_iter: int = 1
+    blr: float = 1.5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: int = 10
+    mask_ratio: float = 0.75
+    augment: bool = False
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    checkpoint_every: int = 10
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+    @property
+    def lr(self) -> float:
+        return self.blr * self.batch_size * self.accum_iter / 256
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_at(epoch_progress: float, cfg: TrainConfig) -> float:
+    """MAE's ``adjust_learning_rate``: linear warm-up, then half-cycle cosine to ``min_lr``."""
+    if epoch_progress < cfg.warmup_epochs:
+        return cfg.lr * epoch_progress / cfg.warmup_epochs
+    span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
+    cos = 0.5 * (1.0 + math.cos(math.pi * (epoch_progress - cfg.warmup_epochs) / span))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * cos
+
+
+def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and 1-d tokens (timm's ``param_groups_weight_decay``)."""
+    decay, no_decay = [], []
+    for _, p in params:
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def _augment(batch: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    from torchvision.transforms import v2
+
+    size = batch.shape[-1]
+    tf = v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=cfg.crop_scale, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    )
+    return torch.stack([tf(img) for img in batch])
+
+
+def train_mim(
+    model: MIMModel,
+    images: torch.Tensor,
+    cfg: TrainConfig,
+    resume_path: str | Path | None = None,
+    trainable: Iterable[tuple[str, nn.Parameter]] | None = None,
+    stop_after_epoch: int | None = None,
+    fingerprint: str = "",
+) -> list[dict]:
+    """Train ``model`` on uint8 ``images [N, C, H, W]``; returns the per-epoch history.
+
+    ``trainable`` restricts the optimised parameters (decoder adaptation on a frozen encoder).
+    ``stop_after_epoch`` ends the run early, as a kill would, for resume tests.
+    A resume file whose ``fingerprint`` (of the data and config) differs is not resumed.
+    """
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    named = list(trainable) if trainable is not None else list(model.named_parameters())
+    optimizer = torch.optim.AdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    history: list[dict] = []
+    start_epoch = 0
+    resume_path = Path(resume_path) if resume_path else None
+    state = None
+    if resume_path and resume_path.exists():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") != fingerprint:
+            print(f"ignoring {resume_path}: made for other data or config", file=sys.stderr)
+            state = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        print(f"resumed from {resume_path} after epoch {state['epoch']}", file=sys.stderr)
+
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    n, bs = images.shape[0], cfg.batch_size
+    steps = max(n // bs, 1)  # drop_last, as MAE's loader
+    for epoch in range(start_epoch, cfg.epochs):
+        t0, total = time.perf_counter(), 0.0
+        order = torch.randperm(n, generator=gen)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}", file=sys.stderr, leave=False,
+                   mininterval=5.0, disable=None)
+        optimizer.zero_grad(set_to_none=True)
+        for step in bar:
+            if step % cfg.accum_iter == 0:
+                lr = lr_at(epoch + step / steps, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            batch = images[order[step * bs : (step + 1) * bs]]
+            if cfg.augment:
+                batch = _augment(batch, cfg)
+            batch = batch.to(device, non_blocking=True).float().div_(255)
+            mask = random_masks(batch.shape[0], model.spec.num_patches, cfg.mask_ratio,
+                                generator=gen, block_size=model.spec.mask_block).to(device)
+            with autocast:
+                loss = forward(batch, mask)[0].mean()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}")
+            (loss / cfg.accum_iter).backward()
+            if (step + 1) % cfg.accum_iter == 0 or step + 1 == steps:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            total += loss.item()
+        history.append(
+            {"epoch": epoch, "loss": total / steps, "lr": optimizer.param_groups[0]["lr"],
+             "seconds": time.perf_counter() - t0}
+        )
+        print(f"epoch {epoch} loss {total / steps:.5f}", file=sys.stderr)
+        last = epoch + 1 == cfg.epochs
+        if resume_path and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
+            _save_resume(resume_path, model, optimizer, gen, epoch, history, fingerprint)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    model.eval()
+    return history
+
+
+def _save_resume(path: Path, model, optimizer, gen, epoch, history, fingerprint) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": epoch,
+            "history": history,
+            "fingerprint": fingerprint,
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def pretrain_stage(
+    exp: dict,
+    model_name: str,
+    manifest_path: str | Path,
+    membership_path: str | Path,
+    shard_files: list[str | Path],
+    weights_path: str | Path,
+    log_table_path: str | Path,
+) -> None:
+    """Pre-train the target or one shadow model of an experiment and write its checkpoint."""
+    import polars as pl
+
+    from mimia.config import model_spec, train_config
+    from mimia.data.shards import load_images
+    from mimia.data.splits import manifest_hash, training_ids
+    from mimia.models import build_model
+    from mimia.models.checkpoint import save_model
+    from mimia.provenance import provenance, write_parquet
+
+    manifest = pl.read_parquet(manifest_path)
+    ids = training_ids(model_name, manifest, pl.read_parquet(membership_path))
+    _, images = load_images(shard_files, ids)
+    offset = 0 if model_name == "target" else 1 + int(model_name.removeprefix("shadow"))
+    cfg = train_config(exp, "pretrain", seed_offset=offset)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_spec(exp))
+    resume = Path(weights_path).with_name("resume.pt")
+    fingerprint = f"{model.spec.to_dict()}|{cfg}|{sorted(ids)}"
+    history = train_mim(model, images, cfg, resume_path=resume, fingerprint=fingerprint)
+    info = {"model": model_name, "train_config": exp["pretrain"], "seed": cfg.seed,
+            "num_train_images": len(ids), "manifest_sha256": manifest_hash(manifest),
+            "decoder_released": True}
+    save_model(model, weights_path, info)
+    write_parquet(pl.DataFrame(history), log_table_path, provenance(**info))
+    resume.unlink(missing_ok=True)

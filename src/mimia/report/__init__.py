@@ -1,0 +1,1 @@
+"""Figures, per-experiment metrics tables and the cross-experiment summary."""
