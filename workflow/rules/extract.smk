@@ -1,0 +1,72 @@
+rule extract:
+    input:
+        unpack(scoring_checkpoints),
+        shard=f"{EXP}/data/shards/{{role}}-{{shard}}.tar",
+        manifest=rules.split.output.manifest,
+        membership=rules.split.output.membership,
+    output:
+        f"{EXP}/errors/{{model}}/{{decoder}}/{{role}}-{{shard}}.parquet",
+    params:
+        exp=exp,
+    log:
+        f"{LOGS}/extract/{{model}}-{{decoder}}-{{role}}-{{shard}}.log",
+    benchmark:
+        f"{BENCH}/extract/{{model}}-{{decoder}}-{{role}}-{{shard}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=config["gpu"],
+    conda:
+        "../../envs/mimia.yaml"
+    script:
+        "../scripts/extract.py"
+
+
+rule collect_errors:
+    input:
+        lambda wc: error_files(wc.experiment),
+    output:
+        f"{EXP}/errors.parquet",
+    log:
+        f"{LOGS}/collect_errors.log",
+    benchmark:
+        f"{BENCH}/collect_errors.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/mimia.yaml"
+    script:
+        "../scripts/collect_errors.py"
+
+
+rule reconstructions:
+    input:
+        unpack(scoring_checkpoints),
+        members=lambda wc: shard_files(wc.experiment, "target_member")[0],
+        nonmembers=lambda wc: shard_files(wc.experiment, "target_nonmember")[0],
+    output:
+        report(
+            f"{EXP}/figures/reconstructions-{{decoder}}.png",
+            caption="../report/reconstructions.rst",
+            category="{experiment}",
+            subcategory="Reconstructions",
+            labels={"decoder": "{decoder}"},
+        ),
+    params:
+        exp=exp,
+        model="target",
+    log:
+        f"{LOGS}/reconstructions-{{decoder}}.log",
+    benchmark:
+        f"{BENCH}/reconstructions-{{decoder}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/mimia.yaml"
+    script:
+        "../scripts/reconstructions.py"

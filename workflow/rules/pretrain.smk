@@ -1,0 +1,70 @@
+rule pretrain:
+    input:
+        manifest=rules.split.output.manifest,
+        membership=rules.split.output.membership,
+        shards=pretrain_shards,
+    output:
+        weights=f"{EXP}/models/{{model}}/model.safetensors",
+        sidecar=f"{EXP}/models/{{model}}/model.json",
+        train_log=f"{EXP}/models/{{model}}/train_log.parquet",
+    params:
+        exp=exp,
+    log:
+        f"{LOGS}/pretrain/{{model}}.log",
+    benchmark:
+        f"{BENCH}/pretrain/{{model}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=config["gpu"],
+    conda:
+        "../../envs/mimia.yaml"
+    script:
+        "../scripts/pretrain.py"
+
+
+rule import_target:
+    input:
+        checkpoint=lambda wc: exp(wc)["target"]["checkpoint"],
+    output:
+        weights=f"{EXP}/models/target-imported/model.safetensors",
+        sidecar=f"{EXP}/models/target-imported/model.json",
+    params:
+        exp=exp,
+    log:
+        f"{LOGS}/pretrain/import_target.log",
+    benchmark:
+        f"{BENCH}/pretrain/import_target.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        "../../envs/mimia.yaml"
+    script:
+        "../scripts/import_target.py"
+
+
+rule adapt_decoder:
+    input:
+        unpack(adapt_inputs),
+    output:
+        weights=f"{EXP}/models/target-adapted/model.safetensors",
+        sidecar=f"{EXP}/models/target-adapted/model.json",
+        train_log=f"{EXP}/models/target-adapted/train_log.parquet",
+    params:
+        exp=exp,
+    log:
+        f"{LOGS}/pretrain/adapt_decoder.log",
+    benchmark:
+        f"{BENCH}/pretrain/adapt_decoder.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=config["gpu"],
+    conda:
+        "../../envs/mimia.yaml"
+    script:
+        "../scripts/adapt_decoder.py"
