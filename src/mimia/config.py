@@ -68,12 +68,17 @@ def resolve_experiments(config: dict, schema_dir: Path = SCHEMA_DIR) -> dict[str
         base = spec["base"]
         if base not in raw:
             raise ValueError(f"ablation {ablation!r}: base experiment {base!r} is not defined")
-        for value in spec["values"]:
+        for order, value in enumerate(spec["values"]):
             name = f"{base}__{ablation}-{_slug(value)}"
             exp = raw[base]
             for dotted in _as_list(spec["parameter"]):
                 exp = set_path(exp, dotted, value)
-            exp["ablation"] = {"name": ablation, "parameter": spec["parameter"], "value": value}
+            exp["ablation"] = {
+                "name": ablation,
+                "parameter": spec["parameter"],
+                "value": value,
+                "order": order,
+            }
             raw[name] = exp
     validator = _validator(schema_dir)
     resolved = {}

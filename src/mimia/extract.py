@@ -8,6 +8,7 @@ the number of images.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -217,3 +218,76 @@ def collect_errors(paths: Sequence[str | Path], out_path: str | Path) -> None:
     df = pl.concat([pl.read_parquet(p) for p in paths])
     meta = provenance(seed=metas[0]["seed"], manifest_sha256=metas[0]["manifest_sha256"])
     write_parquet(df, out_path, meta)
+
+
+def augmented_views(
+    imgs: torch.Tensor, sample_ids: Sequence[str], seed: int, num_views: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+) -> torch.Tensor:
+    """``[B, V, C, H, W]`` RandomResizedCrop + flip views, a pure function of the sample id.
+
+    The crop parameters come from the same keyed hash as the masks, so every encoder sees the
+    same views (EncoderMI's augmented copies).
+    """
+    from torchvision.transforms.v2 import functional as tvf
+
+    from mimia.masking import mask_noise
+
+    u = mask_noise(seed, sample_ids, -1.0, range(num_views), 5).numpy()
+    size = imgs.shape[-1]
+    out = torch.empty(imgs.shape[0], num_views, *imgs.shape[1:], dtype=imgs.dtype)
+    for b in range(imgs.shape[0]):
+        for v in range(num_views):
+            s_u, r_u, y_u, x_u, flip_u = u[b, v]
+            area = size * size * (scale[0] + (scale[1] - scale[0]) * s_u)
+            ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r_u)
+            w = min(size, max(1, round(math.sqrt(area * ratio))))
+            h = min(size, max(1, round(math.sqrt(area / ratio))))
+            top, left = int(y_u * (size - h + 1)), int(x_u * (size - w + 1))
+            view = tvf.resized_crop(imgs[b], top, left, h, w, [size, size], antialias=True)
+            out[b, v] = tvf.horizontal_flip(view) if flip_u < 0.5 else view
+    return out
+
+
+@torch.inference_mode()
+def view_similarities(model: MIMModel, views: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarities ``[B, V(V-1)/2]`` of the encoder's cls embeddings."""
+    b, v = views.shape[:2]
+    device = next(model.parameters()).device
+    x = model.normalize(views.reshape(b * v, *views.shape[2:]).to(device).float() / 255)
+    visible = torch.zeros(b * v, model.spec.num_patches, dtype=torch.bool, device=device)
+    emb = torch.nn.functional.normalize(model.encode(x, visible)[:, 0].float(), dim=-1)
+    emb = emb.reshape(b, v, -1)
+    sims = emb @ emb.transpose(1, 2)
+    iu = torch.triu_indices(v, v, offset=1)
+    return sims[:, iu[0], iu[1]].cpu()
+
+
+def embed_stage(
+    exp: dict, model_name: str, weights: str | Path, shard_files: Sequence[str | Path],
+    manifest_path: str | Path, membership_path: str | Path, out_path: str | Path,
+) -> None:
+    """EncoderMI features of every image: similarities of the encoder's augmented views."""
+    import polars as pl
+
+    from mimia.data.splits import manifest_hash, membership_lookup
+    from mimia.models.checkpoint import file_sha256, load_model
+    from mimia.provenance import provenance, write_parquet
+
+    manifest = pl.read_parquet(manifest_path)
+    members = membership_lookup(model_name, manifest, pl.read_parquet(membership_path))
+    model = load_model(weights)
+    cfg = exp["embed"]
+    frames = []
+    for ids, imgs, roles in shard_loader(shard_files, exp["extract"]["batch_size"], 0):
+        views = augmented_views(imgs, ids, exp["seed"], cfg["num_views"])
+        sims = view_similarities(model, views)
+        frames.append(
+            pl.DataFrame(
+                {"sample_id": ids, "role": roles, "is_member": [members[s] for s in ids],
+                 "model": model_name, "similarities": sims.numpy()},
+            )
+        )
+    meta = provenance(seed=exp["seed"], manifest_sha256=manifest_hash(manifest),
+                      checkpoint_sha256=file_sha256(weights), num_views=cfg["num_views"])
+    write_parquet(pl.concat(frames), out_path, meta)

@@ -1,8 +1,12 @@
 # Experiments, paths and input functions shared by every stage.
+from pathlib import Path
+
 from mimia.config import resolve_experiments, shard_count
 from mimia.data.splits import ROLES, SHADOW_ROLES, TARGET_ROLES
 
-EXPERIMENTS = resolve_experiments(config)
+EXPERIMENTS = resolve_experiments(
+    config, Path(workflow.basedir) / "workflow" / "schemas"
+)
 RESULTS = config["results"]
 EXP = f"{RESULTS}/{{experiment}}"
 LOGS = f"{RESULTS}/logs/{{experiment}}"
@@ -21,6 +25,17 @@ def exp(wildcards):
     return EXPERIMENTS[wildcards.experiment]
 
 
+def exp_sections(*sections):
+    """Params holding only the config sections a rule reads, so that changing one section
+    reruns only the rules that depend on it."""
+
+    def params(wildcards):
+        e = EXPERIMENTS[wildcards.experiment]
+        return {key: e[key] for key in ("seed", *sections) if key in e}
+
+    return params
+
+
 def shadow_models(experiment):
     return [f"shadow{i}" for i in range(EXPERIMENTS[experiment]["shadow"]["count"])]
 
@@ -34,7 +49,11 @@ def shard_files(experiment, role):
 
 
 def target_weights(experiment):
-    sub = "target-imported" if EXPERIMENTS[experiment]["target"]["checkpoint"] else "target"
+    sub = (
+        "target-imported"
+        if EXPERIMENTS[experiment]["target"]["checkpoint"]
+        else "target"
+    )
     return f"{RESULTS}/{experiment}/models/{sub}/model.safetensors"
 
 
@@ -75,7 +94,9 @@ def scoring_checkpoints(wildcards):
     model = getattr(wildcards, "model", "target")
     if model != "target":
         if decoder != "released":
-            raise ValueError(f"shadow models are scored with their own decoder, not {decoder!r}")
+            raise ValueError(
+                f"shadow models are scored with their own decoder, not {decoder!r}"
+            )
         return {"model": model_weights(e, model)}
     if decoder == "adapted":
         return {"model": f"{RESULTS}/{e}/models/target-adapted/model.safetensors"}
@@ -102,6 +123,19 @@ def error_files(experiment):
     return files
 
 
+def attack_inputs(wildcards):
+    inputs = {
+        "errors": f"{RESULTS}/{wildcards.experiment}/errors.parquet",
+        "membership": f"{RESULTS}/{wildcards.experiment}/data/shadow_membership.parquet",
+    }
+    if wildcards.attack.startswith("encodermi"):
+        inputs["embeddings"] = [
+            f"{RESULTS}/{wildcards.experiment}/embeddings/{model}.parquet"
+            for model in ("target", "shadow0")
+        ]
+    return inputs
+
+
 def attack_metrics(experiment):
     e = EXPERIMENTS[experiment]
     return [
@@ -113,6 +147,7 @@ def attack_metrics(experiment):
 
 def final_outputs():
     outputs = [f"{RESULTS}/summary.parquet"]
+    outputs += [f"{RESULTS}/ablations/{name}.png" for name in config["ablations"]]
     for experiment, e in EXPERIMENTS.items():
         outputs += [
             f"{RESULTS}/{experiment}/metrics.json",

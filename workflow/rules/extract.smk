@@ -6,19 +6,19 @@ rule extract:
         membership=rules.split.output.membership,
     output:
         f"{EXP}/errors/{{model}}/{{decoder}}/{{role}}-{{shard}}.parquet",
-    params:
-        exp=exp,
     log:
         f"{LOGS}/extract/{{model}}-{{decoder}}-{{role}}-{{shard}}.log",
     benchmark:
         f"{BENCH}/extract/{{model}}-{{decoder}}-{{role}}-{{shard}}.tsv"
+    conda:
+        "../../envs/mimia.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
         gpu=config["gpu"],
-    conda:
-        "../../envs/mimia.yaml"
+    params:
+        exp=exp_sections("pretrain", "extract"),
     script:
         "../scripts/extract.py"
 
@@ -32,12 +32,12 @@ rule collect_errors:
         f"{LOGS}/collect_errors.log",
     benchmark:
         f"{BENCH}/collect_errors.tsv"
+    conda:
+        "../../envs/mimia.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/mimia.yaml"
     script:
         "../scripts/collect_errors.py"
 
@@ -55,18 +55,45 @@ rule reconstructions:
             subcategory="Reconstructions",
             labels={"decoder": "{decoder}"},
         ),
-    params:
-        exp=exp,
-        model="target",
     log:
         f"{LOGS}/reconstructions-{{decoder}}.log",
     benchmark:
         f"{BENCH}/reconstructions-{{decoder}}.tsv"
+    conda:
+        "../../envs/mimia.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/mimia.yaml"
+    params:
+        exp=exp_sections("pretrain", "extract"),
+        model="target",
     script:
         "../scripts/reconstructions.py"
+
+
+rule embed:
+    input:
+        weights=lambda wc: model_weights(wc.experiment, wc.model),
+        shards=lambda wc: [
+            f for role in ROLES for f in shard_files(wc.experiment, role)
+        ],
+        manifest=rules.split.output.manifest,
+        membership=rules.split.output.membership,
+    output:
+        f"{EXP}/embeddings/{{model}}.parquet",
+    log:
+        f"{LOGS}/embed/{{model}}.log",
+    benchmark:
+        f"{BENCH}/embed/{{model}}.tsv"
+    conda:
+        "../../envs/mimia.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=config["gpu"],
+    params:
+        exp=exp_sections("extract", "embed"),
+    script:
+        "../scripts/embed.py"

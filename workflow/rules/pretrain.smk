@@ -7,19 +7,19 @@ rule pretrain:
         weights=f"{EXP}/models/{{model}}/model.safetensors",
         sidecar=f"{EXP}/models/{{model}}/model.json",
         train_log=f"{EXP}/models/{{model}}/train_log.parquet",
-    params:
-        exp=exp,
     log:
         f"{LOGS}/pretrain/{{model}}.log",
     benchmark:
         f"{BENCH}/pretrain/{{model}}.tsv"
+    conda:
+        "../../envs/mimia.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=240,
         gpu=config["gpu"],
-    conda:
-        "../../envs/mimia.yaml"
+    params:
+        exp=exp_sections("dataset", "model", "pretrain"),
     script:
         "../scripts/pretrain.py"
 
@@ -30,18 +30,18 @@ rule import_target:
     output:
         weights=f"{EXP}/models/target-imported/model.safetensors",
         sidecar=f"{EXP}/models/target-imported/model.json",
-    params:
-        exp=exp,
     log:
         f"{LOGS}/pretrain/import_target.log",
     benchmark:
         f"{BENCH}/pretrain/import_target.tsv"
+    conda:
+        "../../envs/mimia.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=30,
-    conda:
-        "../../envs/mimia.yaml"
+    params:
+        exp=exp_sections("dataset", "model", "target"),
     script:
         "../scripts/import_target.py"
 
@@ -53,18 +53,18 @@ rule adapt_decoder:
         weights=f"{EXP}/models/target-adapted/model.safetensors",
         sidecar=f"{EXP}/models/target-adapted/model.json",
         train_log=f"{EXP}/models/target-adapted/train_log.parquet",
-    params:
-        exp=exp,
     log:
         f"{LOGS}/pretrain/adapt_decoder.log",
     benchmark:
         f"{BENCH}/pretrain/adapt_decoder.tsv"
+    conda:
+        "../../envs/mimia.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=120,
         gpu=config["gpu"],
-    conda:
-        "../../envs/mimia.yaml"
+    params:
+        exp=exp_sections("adapt"),
     script:
         "../scripts/adapt_decoder.py"

@@ -7,8 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
+import torch
 
 
 def reconstruction_grid(model, images: torch.Tensor, sample_ids, titles, seed, mask_ratio, out):
@@ -41,10 +43,7 @@ def reconstruction_grid(model, images: torch.Tensor, sample_ids, titles, seed, m
                 ax.set_title(name, fontsize=8)
             if j == 0:
                 ax.set_ylabel(f"{titles[i]}\nerr {errors[i]:.3f}", fontsize=7)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def reconstruction_stage(exp, decoder, checkpoints, member_shard, nonmember_shard, out):
@@ -66,3 +65,109 @@ def reconstruction_stage(exp, decoder, checkpoints, member_shard, nonmember_shar
     )
 
 
+
+
+def roc_figure(rocs: dict[tuple[str, str], pl.DataFrame], aucs: dict, out, title: str = ""):
+    """ROC curves of every attack, one panel per decoder, on log-log axes (Carlini et al.)."""
+    decoders = sorted({d for d, _ in rocs})
+    fig, axes = plt.subplots(1, len(decoders), figsize=(4.2 * len(decoders), 4), squeeze=False)
+    for ax, decoder in zip(axes[0], decoders, strict=True):
+        for (d, attack), roc in sorted(rocs.items()):
+            if d != decoder:
+                continue
+            fpr, tpr = roc["fpr"].to_numpy(), roc["tpr"].to_numpy()
+            label = f"{attack} (AUC {aucs[(d, attack)]:.3f})"
+            ax.plot(np.clip(fpr, 1e-4, 1), np.clip(tpr, 1e-4, 1), label=label, lw=1.3)
+        ax.plot([1e-4, 1], [1e-4, 1], ls="--", c="grey", lw=0.8, label="chance")
+        ax.set_xscale("log"), ax.set_yscale("log")
+        ax.set_xlim(1e-3, 1), ax.set_ylim(1e-3, 1)
+        ax.set_xlabel("false positive rate"), ax.set_ylabel("true positive rate")
+        ax.set_title(f"{title} — decoder: {decoder}", fontsize=9)
+        ax.legend(fontsize=6.5, loc="lower right")
+        ax.grid(alpha=0.3, which="both", lw=0.4)
+    _save(fig, out)
+
+
+def error_histograms(errors: pl.DataFrame, out, title: str = ""):
+    """Mean masked error per target image, members vs non-members, per decoder and ratio."""
+    target = errors.filter(pl.col("model") == "target")
+    per_sample = target.group_by("decoder", "mask_ratio", "sample_id", "is_member").agg(
+        pl.col("error").mean()
+    )
+    panels = per_sample.select("decoder", "mask_ratio").unique().sort("decoder", "mask_ratio")
+    fig, axes = plt.subplots(1, panels.height, figsize=(3.6 * panels.height, 3.2), squeeze=False)
+    for ax, (decoder, ratio) in zip(axes[0], panels.iter_rows(), strict=True):
+        sub = per_sample.filter((pl.col("decoder") == decoder) & (pl.col("mask_ratio") == ratio))
+        values = sub["error"].to_numpy()
+        bins = np.linspace(np.quantile(values, 0.005), np.quantile(values, 0.995), 40)
+        for member, colour in ((True, "tab:red"), (False, "tab:blue")):
+            v = sub.filter(pl.col("is_member") == member)["error"].to_numpy()
+            ax.hist(v, bins=bins, alpha=0.55, color=colour, density=True,
+                    label="member" if member else "non-member")
+        ax.set_title(f"{title}\n{decoder}, mask ratio {ratio:g}", fontsize=8)
+        ax.set_xlabel("mean reconstruction error")
+        ax.legend(fontsize=7)
+    _save(fig, out)
+
+
+def error_vs_mask_ratio(errors: pl.DataFrame, out, title: str = ""):
+    """Mean error (± one standard error) against mask ratio, members vs non-members."""
+    stats = (
+        errors.filter(pl.col("model") == "target")
+        .group_by("decoder", "mask_ratio", "is_member")
+        .agg(pl.col("error").mean().alias("mean"),
+             (pl.col("error").std() / pl.len().sqrt()).alias("sem"))
+        .sort("mask_ratio")
+    )
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    for (decoder, member), sub in stats.group_by("decoder", "is_member", maintain_order=True):
+        ax.errorbar(sub["mask_ratio"], sub["mean"], yerr=sub["sem"], marker="o", ms=3,
+                    ls="-" if member else "--",
+                    label=f"{decoder}, {'member' if member else 'non-member'}")
+    ax.set_xlabel("mask ratio"), ax.set_ylabel("mean masked reconstruction error")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6.5)
+    _save(fig, out)
+
+
+def ablation_figure(summary: pl.DataFrame, ablation: str, out):
+    """AUC and TPR at 1 % FPR of every attack against the swept value."""
+    rows = summary.filter(pl.col("ablation_name") == ablation)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, metric, label in ((axes[0], "auc", "AUC"), (axes[1], "tpr_at_fpr_0.01", "TPR at 1 % FPR")):
+        for (decoder, attack), sub in rows.group_by("decoder", "attack", maintain_order=True):
+            sub = sub.sort("ablation_order")
+            x = np.arange(sub.height)
+            yerr = None
+            if f"{metric}_ci_low" in sub.columns:
+                yerr = np.vstack([sub[metric] - sub[f"{metric}_ci_low"],
+                                  sub[f"{metric}_ci_high"] - sub[metric]])
+            ax.errorbar(x, sub[metric], yerr=yerr, marker="o", ms=3, capsize=2,
+                        label=f"{attack} ({decoder})")
+            ax.set_xticks(x, sub["ablation_value"].to_list(), fontsize=7)
+        ax.set_xlabel(rows["ablation_parameter"][0] if rows.height else ablation)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, loc="best")
+    fig.suptitle(f"ablation: {ablation}", fontsize=9)
+    _save(fig, out)
+
+
+def _save(fig, out) -> None:
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def experiment_figures(experiment, errors_path, metrics_path, roc_paths, out_roc, out_hist, out_ratio):
+    metrics = pl.read_parquet(metrics_path)
+    aucs = {(r["decoder"], r["attack"]): r["auc"] for r in metrics.iter_rows(named=True)}
+    rocs = {}
+    for path in roc_paths:
+        decoder, attack = Path(path).parent.name, Path(path).name.removesuffix("-roc.parquet")
+        rocs[(decoder, attack)] = pl.read_parquet(path)
+    roc_figure(rocs, aucs, out_roc, title=experiment)
+    errors = pl.read_parquet(errors_path)
+    error_histograms(errors, out_hist, title=experiment)
+    error_vs_mask_ratio(errors, out_ratio, title=experiment)
