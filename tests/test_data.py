@@ -92,3 +92,14 @@ def test_missing_local_dataset_is_a_clear_error(tmp_path):
         load_source({"name": "image_folder", "path": str(tmp_path / "nope")})
     with pytest.raises(ValueError, match="unknown dataset"):
         load_source({"name": "mnist"})
+
+
+def test_shadow_classes_shift_the_adversary_distribution(digits):
+    m = split_roles(len(digits), SIZES, 0, "digits", digits.labels, shadow_classes=[0, 1, 2])
+    shadow = m.filter(pl.col("role").str.starts_with("shadow"))
+    assert set(shadow["label"]) == {0, 1, 2}
+    assert len(set(m.filter(pl.col("role") == "target_member")["label"])) == 10
+    assert m["source_index"].n_unique() == m.height
+    with pytest.raises(ValueError, match="classes \\[0\\]"):
+        split_roles(len(digits), {**SIZES, "shadow_member": 300}, 0, "digits", digits.labels,
+                    shadow_classes=[0])

@@ -85,3 +85,17 @@ def test_deterministic_masks_are_a_pure_function_of_the_key():
     assert (m1.sum(-1) == 64 - int(64 * 0.25)).all()
     assert not torch.equal(m1[0, 0], m1[0, 1]) and not torch.equal(m1[0, 0], m1[1, 0])
     assert not torch.equal(m1, deterministic_masks(1, ["a", "b"], 0.75, [0, 1, 2], 8))
+
+
+def test_augmented_views_are_keyed_and_similarities_bounded(tiny_spec):
+    from mimia.extract import augmented_views, view_similarities
+
+    imgs = torch.randint(0, 255, (3, 3, 16, 16), dtype=torch.uint8)
+    v1 = augmented_views(imgs, ["a", "b", "c"], 0, 4)
+    v2 = augmented_views(imgs[1:], ["b", "c"], 0, 4)
+    assert v1.shape == (3, 4, 3, 16, 16) and torch.equal(v1[1:], v2)
+    assert not torch.equal(v1, augmented_views(imgs, ["a", "b", "c"], 1, 4))
+    torch.manual_seed(0)
+    sims = view_similarities(build_model(tiny_spec).eval(), v1)
+    assert sims.shape == (3, 6)
+    assert (sims <= 1 + 1e-5).all() and (sims >= -1 - 1e-5).all()

@@ -112,6 +112,15 @@ def _check(name: str, exp: dict) -> None:
         model_spec(exp)
     except ValueError as err:
         raise ValueError(f"experiment {name!r}: model: {err}") from None
+    from mimia.attacks import ATTACKS
+
+    for key, params in exp["attacks"].items():
+        kind = (params or {}).get("attack", key)
+        if kind not in ATTACKS:
+            raise ValueError(
+                f"experiment {name!r}: attacks.{key}: unknown attack {kind!r}; "
+                f"known: {sorted(ATTACKS)}"
+            )
     for section in ("pretrain", "adapt"):
         cfg = exp[section]
         if cfg["warmup_epochs"] > cfg["epochs"]:

@@ -1,6 +1,7 @@
 # Experiments, paths and input functions shared by every stage.
 from pathlib import Path
 
+from mimia.attacks import ATTACKS
 from mimia.config import resolve_experiments, shard_count
 from mimia.data.splits import ROLES, SHADOW_ROLES, TARGET_ROLES
 
@@ -128,7 +129,9 @@ def attack_inputs(wildcards):
         "errors": f"{RESULTS}/{wildcards.experiment}/errors.parquet",
         "membership": f"{RESULTS}/{wildcards.experiment}/data/shadow_membership.parquet",
     }
-    if wildcards.attack.startswith("encodermi"):
+    e = EXPERIMENTS[wildcards.experiment]
+    kind = (e["attacks"][wildcards.attack] or {}).get("attack", wildcards.attack)
+    if ATTACKS[kind].requires_embeddings:
         inputs["embeddings"] = [
             f"{RESULTS}/{wildcards.experiment}/embeddings/{model}.parquet"
             for model in ("target", "shadow0")

@@ -15,7 +15,10 @@ from mimia.provenance import provenance, write_parquet
 def write_split(exp: dict, manifest_path: str | Path, membership_path: str | Path) -> pl.DataFrame:
     source = load_source(exp["dataset"])
     sizes = {role: exp["split"][role] for role in ROLES}
-    manifest = split_roles(len(source), sizes, exp["seed"], exp["dataset"]["name"], source.labels)
+    manifest = split_roles(
+        len(source), sizes, exp["seed"], exp["dataset"]["name"], source.labels,
+        shadow_classes=exp["split"].get("shadow_classes"),
+    )
     meta = provenance(seed=exp["seed"], manifest_sha256=manifest_hash(manifest),
                       dataset=exp["dataset"]["name"])
     write_parquet(manifest, manifest_path, meta)

@@ -27,9 +27,18 @@ MANIFEST_SCHEMA = {
 
 
 def split_roles(
-    num_available: int, sizes: dict[str, int], seed: int, dataset: str, labels: np.ndarray
+    num_available: int,
+    sizes: dict[str, int],
+    seed: int,
+    dataset: str,
+    labels: np.ndarray,
+    shadow_classes: list[int] | None = None,
 ) -> pl.DataFrame:
-    """Assign disjoint random subsets of ``range(num_available)`` to the roles."""
+    """Assign disjoint random subsets of ``range(num_available)`` to the roles.
+
+    ``shadow_classes`` restricts the adversary's roles to those labels: a distribution shift
+    between the adversary's data and the target's (the paper's relaxed-knowledge setting).
+    """
     unknown = set(sizes) - set(ROLES)
     if unknown:
         raise ValueError(f"unknown roles {sorted(unknown)}; expected {ROLES}")
@@ -43,6 +52,17 @@ def split_roles(
             f"but dataset {dataset!r} has only {num_available}"
         )
     order = np.random.default_rng(seed).permutation(num_available)
+    n_target = sizes["target_member"] + sizes["target_nonmember"]
+    if shadow_classes is not None:
+        rest = order[n_target:]
+        rest = rest[np.isin(labels[rest], shadow_classes)]
+        n_shadow = sizes["shadow_member"] + sizes["shadow_nonmember"]
+        if len(rest) < n_shadow:
+            raise ValueError(
+                f"shadow roles ask for {n_shadow} images of classes {shadow_classes} but "
+                f"dataset {dataset!r} has only {len(rest)} left after the target roles"
+            )
+        order = np.concatenate([order[:n_target], rest])
     frames, start = [], 0
     for role in ROLES:
         idx = np.sort(order[start : start + sizes[role]])
