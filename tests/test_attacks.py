@@ -436,3 +436,19 @@ def test_encodermi_variants():
         EncoderMI(variant="vector").fit(shadow).score(bigger)
     with pytest.raises(ValueError, match="embeddings_similarity"):
         EncoderMI().fit(Observations(["a", "b"], np.ones((2, 1, 1)), (0.5,), labels=[1, 0]))
+
+
+def test_offline_lira_fits_with_a_single_reference_model():
+    from mimia.attacks import Observations, build_attack
+
+    rng = np.random.default_rng(0)
+    n = 40
+    labels = np.arange(n) < n // 2
+    errors = rng.lognormal(size=(n, 1, 2)) * np.where(labels, 0.8, 1.0)[:, None, None]
+    ref_in = (np.arange(n) % 2 == 0)[None, :]
+    shadow = Observations(
+        sample_ids=np.array([f"s{i}" for i in range(n)]), errors=errors, mask_ratios=(0.75,),
+        labels=labels, reference_errors=rng.lognormal(size=(1, n, 1, 2)), reference_in=ref_in,
+    )
+    attack = build_attack("lira").fit(shadow)
+    assert np.isfinite(attack.threshold)

@@ -20,7 +20,7 @@ def test_default_config_resolves_with_defaults_filled():
     assert e["target"] == {"checkpoint": None, "format": "mimia"}
     spec = model_spec(e)
     assert (spec.img_size, spec.patch_size, spec.num_patches) == (16, 4, 16)
-    assert train_config(e).lr == pytest.approx(1.5e-3 * 50 / 256)
+    assert train_config(e).lr == pytest.approx(2.5e-2 * 25 / 256)
 
 
 def test_experiment_overrides_merge_deeply():
@@ -28,7 +28,7 @@ def test_experiment_overrides_merge_deeply():
     cfg["experiments"]["small-k"] = {"extract": {"num_masks": 4}}
     e = resolve_experiments(cfg)["small-k"]
     assert e["extract"]["num_masks"] == 4
-    assert e["extract"]["mask_ratios"] == [0.75]  # the rest of the section still comes through
+    assert e["extract"]["mask_ratios"] == [0.5, 0.75]  # the rest of the section still comes through
 
 
 def test_ablations_expand_into_experiments():

@@ -193,6 +193,11 @@ class LiRA(Attack):
             and shadow.reference_errors is not None
             and 0 < shadow.labels.sum() < len(shadow)
         )
+        if usable and self.mode == "offline":
+            # With few reference models some adversary images were IN for all of them; the
+            # offline replay can only score the images that have an OUT reference.
+            shadow = shadow.subset(np.flatnonzero((~shadow.reference_in).any(axis=0)))
+            usable = 0 < shadow.labels.sum() < len(shadow)
         if not usable:
             return 0.0
         return best_threshold(shadow.labels, self._score(shadow))

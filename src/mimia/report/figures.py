@@ -83,7 +83,7 @@ def roc_figure(rocs: dict[tuple[str, str], pl.DataFrame], aucs: dict, out, title
         ax.set_xlim(1e-3, 1), ax.set_ylim(1e-3, 1)
         ax.set_xlabel("false positive rate"), ax.set_ylabel("true positive rate")
         ax.set_title(f"{title} — decoder: {decoder}", fontsize=9)
-        ax.legend(fontsize=6.5, loc="lower right")
+        ax.legend(fontsize=6, loc="upper left", framealpha=0.85)
         ax.grid(alpha=0.3, which="both", lw=0.4)
     _save(fig, out)
 
