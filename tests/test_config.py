@@ -34,7 +34,11 @@ def test_experiment_overrides_merge_deeply():
 def test_ablations_expand_into_experiments():
     cfg = default_config()
     cfg["ablations"] = {
-        "ratio": {"base": "digits-mae", "parameter": "extract.mask_ratios", "values": [[0.5], [0.9]]}
+        "ratio": {
+            "base": "digits-mae",
+            "parameter": "extract.mask_ratios",
+            "values": [[0.5], [0.9]],
+        }
     }
     exps = resolve_experiments(cfg)
     assert set(exps) == {"digits-mae", "digits-mae__ratio-0.5", "digits-mae__ratio-0.9"}

@@ -37,7 +37,9 @@ def test_split_is_disjoint_sized_and_deterministic(digits):
     counts = dict(a.group_by("role").len().iter_rows())
     assert counts == SIZES
     # labels are the dataset's, not reassigned
-    np.testing.assert_array_equal(a["label"].to_numpy(), digits.labels[a["source_index"].to_numpy()])
+    np.testing.assert_array_equal(
+        a["label"].to_numpy(), digits.labels[a["source_index"].to_numpy()]
+    )
 
 
 def test_split_refuses_bad_sizes(digits):
@@ -101,5 +103,11 @@ def test_shadow_classes_shift_the_adversary_distribution(digits):
     assert len(set(m.filter(pl.col("role") == "target_member")["label"])) == 10
     assert m["source_index"].n_unique() == m.height
     with pytest.raises(ValueError, match="classes \\[0\\]"):
-        split_roles(len(digits), {**SIZES, "shadow_member": 300}, 0, "digits", digits.labels,
-                    shadow_classes=[0])
+        split_roles(
+            len(digits),
+            {**SIZES, "shadow_member": 300},
+            0,
+            "digits",
+            digits.labels,
+            shadow_classes=[0],
+        )

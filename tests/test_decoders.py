@@ -14,9 +14,9 @@ def test_attach_decoder_swaps_only_the_decoder(tiny_spec):
     torch.manual_seed(0)
     target, shadow = build_model(tiny_spec), build_model(tiny_spec)
     both = attach_decoder(target, shadow)
-    for (k, v) in both.encoder.state_dict().items():
+    for k, v in both.encoder.state_dict().items():
         assert torch.equal(v, target.encoder.state_dict()[k])
-    for (k, v) in both.decoder.state_dict().items():
+    for k, v in both.decoder.state_dict().items():
         assert torch.equal(v, shadow.decoder.state_dict()[k])
 
 
@@ -45,13 +45,23 @@ def test_adaptation_freezes_the_target_encoder_and_reads_only_adversary_data(tin
     exp = {"seed": 0, "adapt": {"epochs": 3, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 1}}
     out = tmp_path / "adapted" / "model.safetensors"
     # Every shard is offered, target roles included: only the shadow roles may be read.
-    adapt_stage(exp, tmp_path / "target.safetensors", tmp_path / "shadow.safetensors",
-                manifest_path, list(shards.values()), out, tmp_path / "log.parquet")
+    adapt_stage(
+        exp,
+        tmp_path / "target.safetensors",
+        tmp_path / "shadow.safetensors",
+        manifest_path,
+        list(shards.values()),
+        out,
+        tmp_path / "log.parquet",
+    )
     adapted = load_model(out)
     for k, v in target.encoder.state_dict().items():
         assert torch.equal(v, adapted.encoder.state_dict()[k]), k
-    changed = [k for k, v in shadow.decoder.state_dict().items()
-               if not torch.equal(v, adapted.decoder.state_dict()[k])]
+    changed = [
+        k
+        for k, v in shadow.decoder.state_dict().items()
+        if not torch.equal(v, adapted.decoder.state_dict()[k])
+    ]
     assert changed, "the decoder was not trained"
     log = pl.read_parquet(tmp_path / "log.parquet")
     assert log.height == 3

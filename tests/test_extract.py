@@ -16,7 +16,12 @@ from mimia.provenance import read_metadata
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
     src = load_source({"name": "digits"})
-    sizes = {"target_member": 24, "target_nonmember": 10, "shadow_member": 10, "shadow_nonmember": 10}
+    sizes = {
+        "target_member": 24,
+        "target_nonmember": 10,
+        "shadow_member": 10,
+        "shadow_nonmember": 10,
+    }
     manifest = split_roles(len(src), sizes, 0, "digits", src.labels)
     path = tmp_path_factory.mktemp("shards") / "target_member-000000.tar"
     write_tar_shard(manifest.filter(pl.col("role") == "target_member"), src, 16, path)
@@ -24,9 +29,17 @@ def shard(tmp_path_factory):
 
 
 def _extract(model, shard, out, **kw):
-    args = dict(model_name="target", decoder="released", is_member=lambda s: True, seed=5,
-                mask_ratios=[0.5, 0.75], num_masks=3, batch_size=10, num_workers=0,
-                metadata={"seed": "5", "manifest_sha256": "abc"})
+    args = dict(
+        model_name="target",
+        decoder="released",
+        is_member=lambda s: True,
+        seed=5,
+        mask_ratios=[0.5, 0.75],
+        num_masks=3,
+        batch_size=10,
+        num_workers=0,
+        metadata={"seed": "5", "manifest_sha256": "abc"},
+    )
     return extract_shard(model, shard, out, **(args | kw))
 
 

@@ -18,21 +18,26 @@ def test_lr_schedule_is_maes():
     assert lr_at(0.0, cfg) == 0.0
     assert lr_at(1.0, cfg) == pytest.approx(2.5e-4)
     assert lr_at(2.0, cfg) == pytest.approx(5e-4)
-    assert lr_at(6.0, cfg) == pytest.approx(1e-5 + (5e-4 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert lr_at(6.0, cfg) == pytest.approx(
+        1e-5 + (5e-4 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 2))
+    )
     assert lr_at(10.0, cfg) == pytest.approx(1e-5)
 
 
 def test_training_lowers_the_loss(tiny_spec):
     torch.manual_seed(0)
     model = build_model(tiny_spec)
-    hist = train_mim(model, _images(), TrainConfig(epochs=8, batch_size=8, blr=1e-2, warmup_epochs=1))
+    hist = train_mim(
+        model, _images(), TrainConfig(epochs=8, batch_size=8, blr=1e-2, warmup_epochs=1)
+    )
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert [h["epoch"] for h in hist] == list(range(8))
 
 
 def test_killed_then_resumed_training_equals_uninterrupted(tiny_spec, tmp_path):
-    cfg = TrainConfig(epochs=6, batch_size=8, blr=1e-2, warmup_epochs=1, checkpoint_every=2,
-                      augment=True, seed=3)
+    cfg = TrainConfig(
+        epochs=6, batch_size=8, blr=1e-2, warmup_epochs=1, checkpoint_every=2, augment=True, seed=3
+    )
     images = _images()
 
     torch.manual_seed(0)
@@ -52,7 +57,9 @@ def test_killed_then_resumed_training_equals_uninterrupted(tiny_spec, tmp_path):
     resumed = train_mim(second, images, cfg, resume_path=resume)
 
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
-    for (name, a), b in zip(straight.state_dict().items(), second.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        straight.state_dict().items(), second.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

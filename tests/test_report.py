@@ -17,19 +17,31 @@ def _attack_outputs(tmp_path, decoder, attack, shift, seed):
     folder.mkdir(parents=True, exist_ok=True)
     metrics = {"decoder": decoder, "attack": attack, **evaluate(labels, scores, n_bootstrap=100)}
     (folder / f"{attack}.json").write_text(json.dumps(metrics))
-    write_parquet(pl.DataFrame({"score": scores}), folder / f"{attack}.parquet",
-                  {"manifest_sha256": "f" * 64, "mimia_version": "test"})
+    write_parquet(
+        pl.DataFrame({"score": scores}),
+        folder / f"{attack}.parquet",
+        {"manifest_sha256": "f" * 64, "mimia_version": "test"},
+    )
     write_parquet(roc_frame(labels, scores), folder / f"{attack}-roc.parquet", {})
     return folder / f"{attack}.json"
 
 
 def test_experiment_table_summary_and_markdown(tmp_path):
-    files = [_attack_outputs(tmp_path, d, a, s, i) for i, (d, a, s) in
-             enumerate([("shadow", "threshold", 0.5), ("shadow", "lira", 1.5), ("adapted", "threshold", 1.0)])]
+    files = [
+        _attack_outputs(tmp_path, d, a, s, i)
+        for i, (d, a, s) in enumerate(
+            [("shadow", "threshold", 0.5), ("shadow", "lira", 1.5), ("adapted", "threshold", 1.0)]
+        )
+    ]
     tables = []
-    for name, ablation in (("base", None), ("base__k-4", {"name": "k", "parameter": "extract.num_masks", "value": 4, "order": 0})):
+    for name, ablation in (
+        ("base", None),
+        ("base__k-4", {"name": "k", "parameter": "extract.num_masks", "value": 4, "order": 0}),
+    ):
         exp = {"seed": 3, **({"ablation": ablation} if ablation else {})}
-        df = experiment_metrics(name, exp, files, tmp_path / f"{name}.json", tmp_path / f"{name}.parquet")
+        df = experiment_metrics(
+            name, exp, files, tmp_path / f"{name}.json", tmp_path / f"{name}.parquet"
+        )
         assert df.height == 3
         tables.append(tmp_path / f"{name}.parquet")
     info = json.loads((tmp_path / "base.json").read_text())
@@ -38,7 +50,9 @@ def test_experiment_table_summary_and_markdown(tmp_path):
     assert out.height == 6
     assert out.filter(pl.col("experiment") == "base__k-4")["ablation_value"].to_list() == ["4"] * 3
     md = (tmp_path / "s.md").read_text()
-    lira = out.filter((pl.col("attack") == "lira") & (pl.col("experiment") == "base")).row(0, named=True)
+    lira = out.filter((pl.col("attack") == "lira") & (pl.col("experiment") == "base")).row(
+        0, named=True
+    )
     assert f"{lira['auc']:.3f} [{lira['auc_ci_low']:.3f}, {lira['auc_ci_high']:.3f}]" in md
     assert md.count("\n| base") == 6 and markdown_table(out) == md
     ablation_figure(out, "k", tmp_path / "ablation.png")

@@ -104,9 +104,15 @@ def adapt_stage(
     target, shadow = load_model(target_weights), load_model(shadow_weights)
     fingerprint = f"{file_sha256(target_weights)}|{file_sha256(shadow_weights)}|{cfg}|{len(ids)}"
     model, history = adapt_decoder(target, shadow, images, cfg, resume, fingerprint)
-    info = {"model": "target-adapted", "adapt_config": exp["adapt"], "seed": cfg.seed,
-            "num_train_images": len(ids), "manifest_sha256": manifest_hash(manifest),
-            "target_sha256": file_sha256(target_weights), "decoder_released": False}
+    info = {
+        "model": "target-adapted",
+        "adapt_config": exp["adapt"],
+        "seed": cfg.seed,
+        "num_train_images": len(ids),
+        "manifest_sha256": manifest_hash(manifest),
+        "target_sha256": file_sha256(target_weights),
+        "decoder_released": False,
+    }
     save_model(model, weights_path, info)
     write_parquet(pl.DataFrame(history), log_table_path, provenance(**info))
     resume.unlink(missing_ok=True)

@@ -139,7 +139,9 @@ def extract_shard(
     return rows
 
 
-def scoring_model(decoder: str, checkpoints: dict[str, str | Path], device: str = "cpu") -> MIMModel:
+def scoring_model(
+    decoder: str, checkpoints: dict[str, str | Path], device: str = "cpu"
+) -> MIMModel:
     """The model that scores images: the audited encoder with the decoder ``decoder`` names.
 
     ``checkpoints`` holds ``model`` (the audited model, or for ``adapted`` the adapted model)
@@ -221,7 +223,10 @@ def collect_errors(paths: Sequence[str | Path], out_path: str | Path) -> None:
 
 
 def augmented_views(
-    imgs: torch.Tensor, sample_ids: Sequence[str], seed: int, num_views: int,
+    imgs: torch.Tensor,
+    sample_ids: Sequence[str],
+    seed: int,
+    num_views: int,
     scale: tuple[float, float] = (0.2, 1.0),
 ) -> torch.Tensor:
     """``[B, V, C, H, W]`` RandomResizedCrop + flip views, a pure function of the sample id.
@@ -264,8 +269,13 @@ def view_similarities(model: MIMModel, views: torch.Tensor) -> torch.Tensor:
 
 
 def embed_stage(
-    exp: dict, model_name: str, weights: str | Path, shard_files: Sequence[str | Path],
-    manifest_path: str | Path, membership_path: str | Path, out_path: str | Path,
+    exp: dict,
+    model_name: str,
+    weights: str | Path,
+    shard_files: Sequence[str | Path],
+    manifest_path: str | Path,
+    membership_path: str | Path,
+    out_path: str | Path,
 ) -> None:
     """EncoderMI features of every image: similarities of the encoder's augmented views."""
     import polars as pl
@@ -284,10 +294,19 @@ def embed_stage(
         sims = view_similarities(model, views)
         frames.append(
             pl.DataFrame(
-                {"sample_id": ids, "role": roles, "is_member": [members[s] for s in ids],
-                 "model": model_name, "similarities": sims.numpy()},
+                {
+                    "sample_id": ids,
+                    "role": roles,
+                    "is_member": [members[s] for s in ids],
+                    "model": model_name,
+                    "similarities": sims.numpy(),
+                },
             )
         )
-    meta = provenance(seed=exp["seed"], manifest_sha256=manifest_hash(manifest),
-                      checkpoint_sha256=file_sha256(weights), num_views=cfg["num_views"])
+    meta = provenance(
+        seed=exp["seed"],
+        manifest_sha256=manifest_hash(manifest),
+        checkpoint_sha256=file_sha256(weights),
+        num_views=cfg["num_views"],
+    )
     write_parquet(pl.concat(frames), out_path, meta)

@@ -70,7 +70,10 @@ def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float
     for _, p in params:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    return [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
 
 
 def _augment(batch: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -135,8 +138,14 @@ def train_mim(
     for epoch in range(start_epoch, cfg.epochs):
         t0, total = time.perf_counter(), 0.0
         order = torch.randperm(n, generator=gen)
-        bar = tqdm(range(steps), desc=f"epoch {epoch}", file=sys.stderr, leave=False,
-                   mininterval=5.0, disable=None)
+        bar = tqdm(
+            range(steps),
+            desc=f"epoch {epoch}",
+            file=sys.stderr,
+            leave=False,
+            mininterval=5.0,
+            disable=None,
+        )
         optimizer.zero_grad(set_to_none=True)
         for step in bar:
             if step % cfg.accum_iter == 0:
@@ -147,8 +156,13 @@ def train_mim(
             if cfg.augment:
                 batch = _augment(batch, cfg)
             batch = batch.to(device, non_blocking=True).float().div_(255)
-            mask = random_masks(batch.shape[0], model.spec.num_patches, cfg.mask_ratio,
-                                generator=gen, block_size=model.spec.mask_block).to(device)
+            mask = random_masks(
+                batch.shape[0],
+                model.spec.num_patches,
+                cfg.mask_ratio,
+                generator=gen,
+                block_size=model.spec.mask_block,
+            ).to(device)
             with autocast:
                 loss = forward(batch, mask)[0].mean()
             if not math.isfinite(loss.item()):
@@ -159,8 +173,12 @@ def train_mim(
                 optimizer.zero_grad(set_to_none=True)
             total += loss.item()
         history.append(
-            {"epoch": epoch, "loss": total / steps, "lr": optimizer.param_groups[0]["lr"],
-             "seconds": time.perf_counter() - t0}
+            {
+                "epoch": epoch,
+                "loss": total / steps,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - t0,
+            }
         )
         print(f"epoch {epoch} loss {total / steps:.5f}", file=sys.stderr)
         last = epoch + 1 == cfg.epochs
@@ -219,9 +237,14 @@ def pretrain_stage(
     resume = Path(weights_path).with_name("resume.pt")
     fingerprint = f"{model.spec.to_dict()}|{cfg}|{sorted(ids)}"
     history = train_mim(model, images, cfg, resume_path=resume, fingerprint=fingerprint)
-    info = {"model": model_name, "train_config": exp["pretrain"], "seed": cfg.seed,
-            "num_train_images": len(ids), "manifest_sha256": manifest_hash(manifest),
-            "decoder_released": True}
+    info = {
+        "model": model_name,
+        "train_config": exp["pretrain"],
+        "seed": cfg.seed,
+        "num_train_images": len(ids),
+        "manifest_sha256": manifest_hash(manifest),
+        "decoder_released": True,
+    }
     save_model(model, weights_path, info)
     write_parquet(pl.DataFrame(history), log_table_path, provenance(**info))
     resume.unlink(missing_ok=True)

@@ -6,4 +6,6 @@ import polars as pl
 
 from mimia.report.figures import ablation_figure
 
-ablation_figure(pl.read_parquet(snakemake.input[0]), snakemake.wildcards.ablation, snakemake.output[0])
+ablation_figure(
+    pl.read_parquet(snakemake.input[0]), snakemake.wildcards.ablation, snakemake.output[0]
+)

@@ -16,11 +16,16 @@ def write_split(exp: dict, manifest_path: str | Path, membership_path: str | Pat
     source = load_source(exp["dataset"])
     sizes = {role: exp["split"][role] for role in ROLES}
     manifest = split_roles(
-        len(source), sizes, exp["seed"], exp["dataset"]["name"], source.labels,
+        len(source),
+        sizes,
+        exp["seed"],
+        exp["dataset"]["name"],
+        source.labels,
         shadow_classes=exp["split"].get("shadow_classes"),
     )
-    meta = provenance(seed=exp["seed"], manifest_sha256=manifest_hash(manifest),
-                      dataset=exp["dataset"]["name"])
+    meta = provenance(
+        seed=exp["seed"], manifest_sha256=manifest_hash(manifest), dataset=exp["dataset"]["name"]
+    )
     write_parquet(manifest, manifest_path, meta)
     membership = shadow_membership(
         manifest, exp["shadow"]["count"], exp["seed"], exp["shadow"]["online"]
@@ -29,7 +34,9 @@ def write_split(exp: dict, manifest_path: str | Path, membership_path: str | Pat
     return manifest
 
 
-def write_shard(exp: dict, manifest_path: str | Path, role: str, index: int, out: str | Path) -> None:
+def write_shard(
+    exp: dict, manifest_path: str | Path, role: str, index: int, out: str | Path
+) -> None:
     """Write shard ``index`` of ``role``: rows ``[index * shard_size, (index + 1) * shard_size)``
     of the role's manifest rows in sample-id order."""
     size = exp["split"]["shard_size"]

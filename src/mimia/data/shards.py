@@ -57,10 +57,13 @@ def iter_shards(paths: Sequence[str | Path]) -> Iterator[tuple[str, torch.Tensor
 
 def load_images(paths: Sequence[str | Path], sample_ids: set[str] | None = None):
     """Read shards into memory: sorted sample ids and a uint8 tensor ``[N, 3, H, W]``."""
-    items = [(sid, img) for sid, img, _ in iter_shards(paths) if sample_ids is None or sid in sample_ids]
+    items = [
+        (sid, img) for sid, img, _ in iter_shards(paths) if sample_ids is None or sid in sample_ids
+    ]
     if sample_ids is not None and len(items) != len(sample_ids):
         found = {sid for sid, _ in items}
         missing = sorted(sample_ids - found)[:5]
-        raise ValueError(f"{len(sample_ids) - len(found)} requested samples are not in the shards, e.g. {missing}")
+        count = len(sample_ids) - len(found)
+        raise ValueError(f"{count} requested samples are not in the shards, e.g. {missing}")
     items.sort(key=lambda t: t[0])
     return [sid for sid, _ in items], torch.stack([img for _, img in items])

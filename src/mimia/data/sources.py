@@ -7,7 +7,6 @@ says ``download: true``; every source also accepts a local ``path`` (machines wi
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,9 @@ def _digits() -> ImageSource:
     digits = load_digits()
     # 8x8 images with 17 grey levels (0..16), bundled with scikit-learn: no download.
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    return ImageSource("digits", digits.target.astype(np.int64), lambda i: Image.fromarray(pixels[i]))
+    return ImageSource(
+        "digits", digits.target.astype(np.int64), lambda i: Image.fromarray(pixels[i])
+    )
 
 
 def _torchvision(name: str, cfg: dict[str, Any]) -> ImageSource:
@@ -88,7 +89,9 @@ def _torchvision(name: str, cfg: dict[str, Any]) -> ImageSource:
             f"files there or set download: true on a machine with internet"
         ) from err
     arrays = np.ascontiguousarray(arrays)
-    return ImageSource(name, np.asarray(labels, dtype=np.int64), lambda i: Image.fromarray(arrays[i]))
+    return ImageSource(
+        name, np.asarray(labels, dtype=np.int64), lambda i: Image.fromarray(arrays[i])
+    )
 
 
 def _image_folder(root: Path) -> ImageSource:
@@ -121,7 +124,3 @@ def _webdataset(urls: str | list[str] | None) -> ImageSource:
     labels = np.array([samples[k][1] for k in keys], dtype=np.int64)
     return ImageSource("webdataset", labels, lambda i: Image.open(io.BytesIO(samples[keys[i]][0])))
 
-
-def iter_images(source: ImageSource, indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    for i in indices:
-        yield source.image(int(i), size)

@@ -135,7 +135,9 @@ def training_ids(model: str, manifest: pl.DataFrame, membership: pl.DataFrame) -
     return set(rows["sample_id"])
 
 
-def membership_lookup(model: str, manifest: pl.DataFrame, membership: pl.DataFrame) -> dict[str, bool]:
+def membership_lookup(
+    model: str, manifest: pl.DataFrame, membership: pl.DataFrame
+) -> dict[str, bool]:
     """``sample_id -> is_member`` of every manifest sample with respect to ``model``."""
     ids = training_ids(model, manifest, membership)
     return {sid: sid in ids for sid in manifest["sample_id"]}

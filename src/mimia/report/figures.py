@@ -33,7 +33,9 @@ def reconstruction_grid(model, images: torch.Tensor, sample_ids, titles, seed, m
     masked = x * (1 - pix) + 0.5 * pix
     pasted = x * (1 - pix) + recon * pix
     cols = [("original", x), ("masked", masked), ("reconstruction", pasted)]
-    fig, axes = plt.subplots(len(x), len(cols), figsize=(1.6 * len(cols), 1.6 * len(x)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(x), len(cols), figsize=(1.6 * len(cols), 1.6 * len(x)), squeeze=False
+    )
     for i in range(len(x)):
         for j, (name, imgs) in enumerate(cols):
             ax = axes[i, j]
@@ -60,11 +62,14 @@ def reconstruction_stage(exp, decoder, checkpoints, member_shard, nonmember_shar
             picked.append((sid, img, title))
     ids, imgs, titles = zip(*picked, strict=True)
     reconstruction_grid(
-        model, torch.stack(imgs), list(ids), titles, exp["seed"],
-        exp["extract"]["mask_ratios"][0], out,
+        model,
+        torch.stack(imgs),
+        list(ids),
+        titles,
+        exp["seed"],
+        exp["extract"]["mask_ratios"][0],
+        out,
     )
-
-
 
 
 def roc_figure(rocs: dict[tuple[str, str], pl.DataFrame], aucs: dict, out, title: str = ""):
@@ -102,8 +107,14 @@ def error_histograms(errors: pl.DataFrame, out, title: str = ""):
         bins = np.linspace(np.quantile(values, 0.005), np.quantile(values, 0.995), 40)
         for member, colour in ((True, "tab:red"), (False, "tab:blue")):
             v = sub.filter(pl.col("is_member") == member)["error"].to_numpy()
-            ax.hist(v, bins=bins, alpha=0.55, color=colour, density=True,
-                    label="member" if member else "non-member")
+            ax.hist(
+                v,
+                bins=bins,
+                alpha=0.55,
+                color=colour,
+                density=True,
+                label="member" if member else "non-member",
+            )
         ax.set_title(f"{title}\n{decoder}, mask ratio {ratio:g}", fontsize=8)
         ax.set_xlabel("mean reconstruction error")
         ax.legend(fontsize=7)
@@ -115,15 +126,23 @@ def error_vs_mask_ratio(errors: pl.DataFrame, out, title: str = ""):
     stats = (
         errors.filter(pl.col("model") == "target")
         .group_by("decoder", "mask_ratio", "is_member")
-        .agg(pl.col("error").mean().alias("mean"),
-             (pl.col("error").std() / pl.len().sqrt()).alias("sem"))
+        .agg(
+            pl.col("error").mean().alias("mean"),
+            (pl.col("error").std() / pl.len().sqrt()).alias("sem"),
+        )
         .sort("mask_ratio")
     )
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
     for (decoder, member), sub in stats.group_by("decoder", "is_member", maintain_order=True):
-        ax.errorbar(sub["mask_ratio"], sub["mean"], yerr=sub["sem"], marker="o", ms=3,
-                    ls="-" if member else "--",
-                    label=f"{decoder}, {'member' if member else 'non-member'}")
+        ax.errorbar(
+            sub["mask_ratio"],
+            sub["mean"],
+            yerr=sub["sem"],
+            marker="o",
+            ms=3,
+            ls="-" if member else "--",
+            label=f"{decoder}, {'member' if member else 'non-member'}",
+        )
     ax.set_xlabel("mask ratio"), ax.set_ylabel("mean masked reconstruction error")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6.5)
@@ -134,16 +153,27 @@ def ablation_figure(summary: pl.DataFrame, ablation: str, out):
     """AUC and TPR at 1 % FPR of every attack against the swept value."""
     rows = summary.filter(pl.col("ablation_name") == ablation)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, metric, label in ((axes[0], "auc", "AUC"), (axes[1], "tpr_at_fpr_0.01", "TPR at 1 % FPR")):
+    for ax, metric, label in (
+        (axes[0], "auc", "AUC"),
+        (axes[1], "tpr_at_fpr_0.01", "TPR at 1 % FPR"),
+    ):
         for (decoder, attack), sub in rows.group_by("decoder", "attack", maintain_order=True):
             sub = sub.sort("ablation_order")
             x = np.arange(sub.height)
             yerr = None
             if f"{metric}_ci_low" in sub.columns:
-                yerr = np.vstack([sub[metric] - sub[f"{metric}_ci_low"],
-                                  sub[f"{metric}_ci_high"] - sub[metric]])
-            ax.errorbar(x, sub[metric], yerr=yerr, marker="o", ms=3, capsize=2,
-                        label=f"{attack} ({decoder})")
+                yerr = np.vstack(
+                    [sub[metric] - sub[f"{metric}_ci_low"], sub[f"{metric}_ci_high"] - sub[metric]]
+                )
+            ax.errorbar(
+                x,
+                sub[metric],
+                yerr=yerr,
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=f"{attack} ({decoder})",
+            )
             ax.set_xticks(x, sub["ablation_value"].to_list(), fontsize=7)
         ax.set_xlabel(rows["ablation_parameter"][0] if rows.height else ablation)
         ax.set_ylabel(label)
@@ -160,7 +190,9 @@ def _save(fig, out) -> None:
     plt.close(fig)
 
 
-def experiment_figures(experiment, errors_path, metrics_path, roc_paths, out_roc, out_hist, out_ratio):
+def experiment_figures(
+    experiment, errors_path, metrics_path, roc_paths, out_roc, out_hist, out_ratio
+):
     metrics = pl.read_parquet(metrics_path)
     aucs = {(r["decoder"], r["attack"]): r["auc"] for r in metrics.iter_rows(named=True)}
     rocs = {}

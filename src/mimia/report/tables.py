@@ -38,8 +38,13 @@ def experiment_metrics(
         "results": rows,
     }
     Path(out_json).write_text(json.dumps(info, indent=2))
-    write_parquet(df, out_parquet, provenance(seed=exp["seed"], experiment=experiment,
-                                              manifest_sha256=info["manifest_sha256"]))
+    write_parquet(
+        df,
+        out_parquet,
+        provenance(
+            seed=exp["seed"], experiment=experiment, manifest_sha256=info["manifest_sha256"]
+        ),
+    )
     return df
 
 
