@@ -44,7 +44,14 @@ TINY = {
         },
         "metrics": {"n_bootstrap": 50},
     },
-    "experiments": {"tiny": {}},
+    "experiments": {
+        "tiny": {},
+        "tiny-simmim": {
+            "model": {"recipe": "simmim", "mask_patch_size": 8},
+            "decoder": ["released", "adapted"],
+            "attacks": {"threshold": {}, "lira": {}},
+        },
+    },
 }
 
 
@@ -110,8 +117,14 @@ def test_metrics_are_in_range(finished):
         assert r["auc_ci_low"] <= r["auc"] <= r["auc_ci_high"]
         assert 0.0 <= r["tpr_at_fpr_0.01"] <= 1.0
     summary = pl.read_parquet(finished / "summary.parquet")
-    assert summary.height == len(rows)
-    assert set(summary["experiment"]) == {"tiny"}
+    assert set(summary["experiment"]) == {"tiny", "tiny-simmim"}
+    assert summary.filter(pl.col("experiment") == "tiny").height == len(rows)
+    simmim = json.loads((finished / "tiny-simmim/metrics.json").read_text())["results"]
+    assert {(r["decoder"], r["attack"]) for r in simmim} == {
+        (d, a) for d in ("released", "adapted") for a in ("threshold", "lira")
+    }
+    sidecar = json.loads((finished / "tiny-simmim/models/target/model.json").read_text())
+    assert sidecar["spec"]["recipe"] == "simmim" and sidecar["spec"]["mask_patch_size"] == 8
 
 
 def test_second_run_has_nothing_to_do(finished):

@@ -1,4 +1,5 @@
 # Experiments, paths and input functions shared by every stage.
+import re
 from pathlib import Path
 
 from mimia.attacks import ATTACKS
@@ -15,7 +16,7 @@ BENCH = f"{RESULTS}/benchmarks/{{experiment}}"
 
 
 wildcard_constraints:
-    experiment="|".join(EXPERIMENTS),
+    experiment="|".join(map(re.escape, EXPERIMENTS)),
     role="|".join(ROLES),
     shard=r"\d{6}",
     model=r"target|shadow\d+",
