@@ -22,8 +22,7 @@ class MAEDecoder(nn.Module):
             torch.from_numpy(pos).float().unsqueeze(0), requires_grad=False
         )
         self.decoder_blocks = nn.ModuleList(
-            Block(dim, spec.decoder_num_heads, mlp_ratio=4.0, qkv_bias=True,
-                  norm_layer=_layer_norm)
+            Block(dim, spec.decoder_num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=_layer_norm)
             for _ in range(spec.decoder_depth)
         )
         self.decoder_norm = _layer_norm(dim)
@@ -72,7 +71,12 @@ class MAE(MIMModel):
     def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         enc = self.encoder
         tokens = enc.patch_embed(x) + enc.pos_embed[:, 1:]
-        n_keep = int((~mask[0]).sum())
+        lo, hi = torch.aminmax((~mask).sum(dim=1))
+        n_keep, hi = torch.stack([lo, hi]).tolist()
+        if n_keep != hi:  # a ragged batch would silently gather masked patches as visible
+            raise ValueError(
+                f"MAE needs the same number of visible patches in every mask, got {n_keep}..{hi}"
+            )
         ids_keep = shuffle_ids(mask)[0][:, :n_keep]
         tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)

@@ -39,6 +39,10 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.patch_size < 1 or self.img_size < 1:
+            raise ValueError(
+                f"img_size and patch_size must be positive, got {self.img_size}, {self.patch_size}"
+            )
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"patch_size {self.patch_size} does not divide img_size {self.img_size}"
