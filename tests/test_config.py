@@ -71,3 +71,13 @@ def test_ablation_of_unknown_base_is_refused():
     cfg["ablations"] = {"k": {"base": "nope", "parameter": "extract.num_masks", "values": [2]}}
     with pytest.raises(ValueError, match="base experiment 'nope'"):
         resolve_experiments(cfg)
+
+
+def test_encoder_only_target_cannot_use_the_released_decoder():
+    cfg = default_config()
+    cfg["experiments"]["audit"] = {
+        "target": {"checkpoint": "encoder.safetensors", "format": "timm"},
+        "decoder": ["released", "adapted"],
+    }
+    with pytest.raises(ValueError, match="encoder only"):
+        resolve_experiments(cfg)

@@ -114,6 +114,13 @@ def _check(name: str, exp: dict) -> None:
         raise ValueError(f"experiment {name!r}: model: {err}") from None
     from mimia.attacks import ATTACKS
 
+    target = exp["target"]
+    if target["checkpoint"] and target["format"] == "timm" and "released" in exp["decoder"]:
+        raise ValueError(
+            f"experiment {name!r}: a timm target checkpoint is an encoder only; decoder mode "
+            f"'released' needs the target's decoder (use decoder: [shadow, adapted])"
+        )
+
     for key, params in exp["attacks"].items():
         kind = (params or {}).get("attack", key)
         if kind not in ATTACKS:

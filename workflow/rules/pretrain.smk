@@ -41,7 +41,7 @@ rule import_target:
         mem_mb=8000,
         runtime=30,
     params:
-        exp=exp_sections("dataset", "model", "target"),
+        exp=exp_sections("dataset", "model", "target", "decoder"),
     script:
         "../scripts/import_target.py"
 
