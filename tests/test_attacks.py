@@ -447,8 +447,12 @@ def test_offline_lira_fits_with_a_single_reference_model():
     errors = rng.lognormal(size=(n, 1, 2)) * np.where(labels, 0.8, 1.0)[:, None, None]
     ref_in = (np.arange(n) % 2 == 0)[None, :]
     shadow = Observations(
-        sample_ids=np.array([f"s{i}" for i in range(n)]), errors=errors, mask_ratios=(0.75,),
-        labels=labels, reference_errors=rng.lognormal(size=(1, n, 1, 2)), reference_in=ref_in,
+        sample_ids=np.array([f"s{i}" for i in range(n)]),
+        errors=errors,
+        mask_ratios=(0.75,),
+        labels=labels,
+        reference_errors=rng.lognormal(size=(1, n, 1, 2)),
+        reference_in=ref_in,
     )
     attack = build_attack("lira").fit(shadow)
     assert np.isfinite(attack.threshold)

@@ -6,4 +6,3 @@ try:
     __version__ = version("mimia")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
-

@@ -123,4 +123,3 @@ def _webdataset(urls: str | list[str] | None) -> ImageSource:
     keys = sorted(samples)
     labels = np.array([samples[k][1] for k in keys], dtype=np.int64)
     return ImageSource("webdataset", labels, lambda i: Image.open(io.BytesIO(samples[keys[i]][0])))
-
