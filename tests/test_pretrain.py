@@ -69,3 +69,60 @@ def test_stale_resume_file_is_ignored(tiny_spec, tmp_path):
     train_mim(build_model(tiny_spec), _images(), cfg, resume_path=resume, fingerprint="old")
     hist = train_mim(build_model(tiny_spec), _images(), cfg, resume_path=resume, fingerprint="new")
     assert [h["epoch"] for h in hist] == [0, 1]
+
+
+KILL_SCRIPT = """
+import sys, torch
+from mimia.models import ModelSpec, build_model
+from mimia.pretrain import TrainConfig, train_mim
+torch.set_num_threads(1)
+spec = ModelSpec.from_dict(__import__("json").loads(sys.argv[1]))
+images = torch.load(sys.argv[2], weights_only=True)
+torch.manual_seed(0)
+model = build_model(spec)
+cfg = TrainConfig(epochs=40, batch_size=8, blr=1e-2, warmup_epochs=2, checkpoint_every=1, seed=5)
+train_mim(model, images, cfg, resume_path=sys.argv[3], fingerprint="f")
+torch.save(model.state_dict(), sys.argv[4])
+"""
+
+
+def test_kill_9_then_restart_resumes_and_matches(tiny_spec, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = _images(16)
+    torch.save(images, tmp_path / "images.pt")
+    args = [
+        sys.executable,
+        "-c",
+        KILL_SCRIPT,
+        json.dumps(tiny_spec.to_dict()),
+        str(tmp_path / "images.pt"),
+        str(tmp_path / "resume.pt"),
+    ]
+    proc = subprocess.Popen([*args, str(tmp_path / "killed.pt")], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (tmp_path / "resume.pt").exists():
+            state = torch.load(tmp_path / "resume.pt", weights_only=True)
+            if 3 <= state["epoch"] < 30:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed.pt").exists(), "training finished before it could be killed"
+    resumed = subprocess.run([*args, str(tmp_path / "resumed.pt")], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    (tmp_path / "resume.pt").unlink()
+    straight = subprocess.run(
+        [*args, str(tmp_path / "straight.pt")], capture_output=True, text=True
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight.pt", weights_only=True)
+    for key in b:
+        assert torch.equal(a[key], b[key]), key

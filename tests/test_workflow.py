@@ -131,3 +131,24 @@ def test_second_run_has_nothing_to_do(finished):
     run = _snakemake(finished.parent, "--dry-run", "--quiet")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Nothing to be done" in run.stdout + run.stderr
+
+
+def test_ablations_expand_into_the_dag(tmp_path):
+    config = {
+        **TINY,
+        "experiments": {"tiny": {}},
+        "ablations": {
+            "epochs": {"base": "tiny", "parameter": "pretrain.epochs", "values": [2, 4]},
+        },
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = _snakemake(tmp_path, "--dry-run", "--quiet", "rules")
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = {
+        parts[0]: int(parts[1])
+        for parts in map(str.split, run.stdout.splitlines())
+        if len(parts) == 2 and parts[1].isdigit()
+    }
+    assert counts["ablation_plot"] == 1
+    assert counts["experiment_metrics"] == 3  # tiny and its two ablation values
+    assert counts["pretrain"] == 3 * 3  # target + 2 shadows per experiment

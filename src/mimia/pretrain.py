@@ -142,9 +142,9 @@ def train_mim(
             range(steps),
             desc=f"epoch {epoch}",
             file=sys.stderr,
-            leave=False,
-            mininterval=5.0,
-            disable=None,
+            leave=True,  # one bar per epoch stays in the rule's log
+            mininterval=10.0,
+            disable=False,
         )
         optimizer.zero_grad(set_to_none=True)
         for step in bar:
