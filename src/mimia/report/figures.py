@@ -94,30 +94,36 @@ def roc_figure(rocs: dict[tuple[str, str], pl.DataFrame], aucs: dict, out, title
 
 
 def error_histograms(errors: pl.DataFrame, out, title: str = ""):
-    """Mean masked error per target image, members vs non-members, per decoder and ratio."""
-    target = errors.filter(pl.col("model") == "target")
-    per_sample = target.group_by("decoder", "mask_ratio", "sample_id", "is_member").agg(
-        pl.col("error").mean()
+    """Mean masked error per target image, members vs non-members: decoders x mask ratios."""
+    per_sample = (
+        errors.filter(pl.col("model") == "target")
+        .group_by("decoder", "mask_ratio", "sample_id", "is_member")
+        .agg(pl.col("error").mean())
     )
-    panels = per_sample.select("decoder", "mask_ratio").unique().sort("decoder", "mask_ratio")
-    fig, axes = plt.subplots(1, panels.height, figsize=(3.6 * panels.height, 3.2), squeeze=False)
-    for ax, (decoder, ratio) in zip(axes[0], panels.iter_rows(), strict=True):
-        sub = per_sample.filter((pl.col("decoder") == decoder) & (pl.col("mask_ratio") == ratio))
-        values = sub["error"].to_numpy()
-        bins = np.linspace(np.quantile(values, 0.005), np.quantile(values, 0.995), 40)
-        for member, colour in ((True, "tab:red"), (False, "tab:blue")):
-            v = sub.filter(pl.col("is_member") == member)["error"].to_numpy()
-            ax.hist(
-                v,
-                bins=bins,
-                alpha=0.55,
-                color=colour,
-                density=True,
-                label="member" if member else "non-member",
+    decoders = sorted(per_sample["decoder"].unique())
+    ratios = sorted(per_sample["mask_ratio"].unique())
+    fig, axes = plt.subplots(
+        len(decoders),
+        len(ratios),
+        figsize=(3.6 * len(ratios), 2.8 * len(decoders)),
+        squeeze=False,
+    )
+    for i, decoder in enumerate(decoders):
+        for j, ratio in enumerate(ratios):
+            ax = axes[i, j]
+            sub = per_sample.filter(
+                (pl.col("decoder") == decoder) & (pl.col("mask_ratio") == ratio)
             )
-        ax.set_title(f"{title}\n{decoder}, mask ratio {ratio:g}", fontsize=8)
-        ax.set_xlabel("mean reconstruction error")
-        ax.legend(fontsize=7)
+            values = sub["error"].to_numpy()
+            bins = np.linspace(np.quantile(values, 0.005), np.quantile(values, 0.995), 40)
+            for member, colour in ((True, "tab:red"), (False, "tab:blue")):
+                v = sub.filter(pl.col("is_member") == member)["error"].to_numpy()
+                label = "member" if member else "non-member"
+                ax.hist(v, bins=bins, alpha=0.55, color=colour, density=True, label=label)
+            ax.set_title(f"decoder {decoder}, mask ratio {ratio:g}", fontsize=8)
+            ax.set_xlabel("mean masked reconstruction error", fontsize=8)
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     _save(fig, out)
 
 
@@ -133,16 +139,20 @@ def error_vs_mask_ratio(errors: pl.DataFrame, out, title: str = ""):
         .sort("mask_ratio")
     )
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
-    for (decoder, member), sub in stats.group_by("decoder", "is_member", maintain_order=True):
+    colours = dict(zip(sorted(stats["decoder"].unique()), plt.cm.tab10.colors, strict=False))
+    groups = stats.sort("decoder", "is_member", descending=[False, True])
+    for (decoder, member), sub in groups.group_by("decoder", "is_member", maintain_order=True):
         ax.errorbar(
             sub["mask_ratio"],
             sub["mean"],
             yerr=sub["sem"],
             marker="o",
             ms=3,
+            color=colours[decoder],
             ls="-" if member else "--",
             label=f"{decoder}, {'member' if member else 'non-member'}",
         )
+    ax.set_yscale("log")
     ax.set_xlabel("mask ratio"), ax.set_ylabel("mean masked reconstruction error")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6.5)
