@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mimia.models.base import MIMModel
-from mimia.pretrain import TrainConfig, train_mim
+from mimia.pretrain import TrainConfig, resume_path_for, save_trained, train_mim
 
 DECODER_MODES = ("released", "shadow", "adapted")
 
@@ -93,14 +93,13 @@ def adapt_stage(
     from mimia.config import train_config
     from mimia.data.shards import load_images
     from mimia.data.splits import SHADOW_ROLES, manifest_hash
-    from mimia.models.checkpoint import file_sha256, load_model, save_model
-    from mimia.provenance import provenance, write_parquet
+    from mimia.models.checkpoint import file_sha256, load_model
 
     manifest = pl.read_parquet(manifest_path)
     ids = set(manifest.filter(pl.col("role").is_in(SHADOW_ROLES))["sample_id"])
     _, images = load_images(shard_files, ids)
     cfg = train_config(exp, "adapt", seed_offset=10_000)
-    resume = Path(weights_path).with_name("resume.pt")
+    resume = resume_path_for(weights_path)
     target, shadow = load_model(target_weights), load_model(shadow_weights)
     fingerprint = f"{file_sha256(target_weights)}|{file_sha256(shadow_weights)}|{cfg}|{len(ids)}"
     model, history = adapt_decoder(target, shadow, images, cfg, resume, fingerprint)
@@ -113,6 +112,4 @@ def adapt_stage(
         "target_sha256": file_sha256(target_weights),
         "decoder_released": False,
     }
-    save_model(model, weights_path, info)
-    write_parquet(pl.DataFrame(history), log_table_path, provenance(**info))
-    resume.unlink(missing_ok=True)
+    save_trained(model, history, info, weights_path, log_table_path)

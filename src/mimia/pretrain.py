@@ -224,8 +224,6 @@ def pretrain_stage(
     from mimia.data.shards import load_images
     from mimia.data.splits import manifest_hash, training_ids
     from mimia.models import build_model
-    from mimia.models.checkpoint import save_model
-    from mimia.provenance import provenance, write_parquet
 
     manifest = pl.read_parquet(manifest_path)
     ids = training_ids(model_name, manifest, pl.read_parquet(membership_path))
@@ -234,7 +232,7 @@ def pretrain_stage(
     cfg = train_config(exp, "pretrain", seed_offset=offset)
     torch.manual_seed(cfg.seed)
     model = build_model(model_spec(exp))
-    resume = Path(weights_path).with_name("resume.pt")
+    resume = resume_path_for(weights_path)
     fingerprint = f"{model.spec.to_dict()}|{cfg}|{sorted(ids)}"
     history = train_mim(model, images, cfg, resume_path=resume, fingerprint=fingerprint)
     info = {
@@ -245,6 +243,23 @@ def pretrain_stage(
         "manifest_sha256": manifest_hash(manifest),
         "decoder_released": True,
     }
+    save_trained(model, history, info, weights_path, log_table_path)
+
+
+def resume_path_for(weights_path: str | Path) -> Path:
+    """Where a training run keeps its resume checkpoint: beside its final weights."""
+    return Path(weights_path).with_name("resume.pt")
+
+
+def save_trained(
+    model: MIMModel, history: list[dict], info: dict, weights_path, log_table_path
+) -> None:
+    """Checkpoint, sidecar and training log of a finished run; then its resume file goes."""
+    import polars as pl
+
+    from mimia.models.checkpoint import save_model
+    from mimia.provenance import provenance, write_parquet
+
     save_model(model, weights_path, info)
     write_parquet(pl.DataFrame(history), log_table_path, provenance(**info))
-    resume.unlink(missing_ok=True)
+    resume_path_for(weights_path).unlink(missing_ok=True)
