@@ -1,8 +1,20 @@
 # mimia: membership inference against masked-image-modeling encoders.
 # Stages: data -> pretrain -> extract -> attack -> report (one rule file each).
+import os
+import sys
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
+
+# The package in src/ holds the logic; make it importable here and in every job (conda envs
+# included) without installing it, so a checkout is all a run needs.
+SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SRC)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
+)
 
 
 configfile: "config/config.yaml"
