@@ -111,3 +111,45 @@ def test_shadow_classes_shift_the_adversary_distribution(digits):
             digits.labels,
             shadow_classes=[0],
         )
+
+
+def test_roles_from_an_assignment_of_image_folder_paths(tmp_path):
+    from PIL import Image
+
+    from mimia.config import resolve_experiments
+    from mimia.data.splits import assigned_roles, read_assignment
+
+    root = tmp_path / "images"
+    rows = []
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / cls / f"{i}.png")
+            rows.append((f"{cls}/{i}.png", ROLES[i]))
+    csv = tmp_path / "roles.csv"
+    pl.DataFrame(rows, schema=["key", "role"], orient="row").write_csv(csv)
+    src = load_source({"name": "image_folder", "path": str(root)})
+    assert src.keys[0] == "cat/0.png"
+    manifest = assigned_roles(read_assignment(csv), src.keys, "folder", src.labels)
+    assert dict(manifest.group_by("role").len().iter_rows()) == dict.fromkeys(ROLES, 2)
+    member = manifest.filter(pl.col("role") == "target_member").sort("source_index")
+    assert [src.keys[i] for i in member["source_index"]] == ["cat/0.png", "dog/0.png"]
+    assert member["label"].to_list() == [0, 1]
+    # The config takes role sizes from the file, before any job runs.
+    cfg = {
+        "defaults": {
+            "dataset": {"name": "image_folder", "path": str(root), "img_size": 8},
+            "model": {"patch_size": 4, "encoder_overrides": {"embed_dim": 32}},
+            "pretrain": {"batch_size": 2, "warmup_epochs": 1},
+            "adapt": {"batch_size": 2, "warmup_epochs": 1},
+        },
+        "experiments": {"audit": {"split": {"assignment": str(csv)}}},
+    }
+    assert resolve_experiments(cfg)["audit"]["split"]["target_member"] == 2
+    bad = tmp_path / "bad.csv"
+    pl.DataFrame({"key": ["cat/0.png", "cat/9.png"], "role": ["target_member"] * 2}).write_csv(bad)
+    with pytest.raises(ValueError, match="not in dataset"):
+        assigned_roles(read_assignment(bad), src.keys, "folder", src.labels)
+    pl.DataFrame({"key": ["cat/0.png"], "role": ["training"]}).write_csv(bad)
+    with pytest.raises(ValueError, match="unknown roles \\['training'\\]"):
+        read_assignment(bad)

@@ -108,6 +108,18 @@ def _slug(value: Any) -> str:
 
 def _check(name: str, exp: dict) -> None:
     """Cross-field checks the schema cannot express, so bad input fails before any job."""
+    if exp["split"].get("assignment"):
+        # Role sizes come from the assignment: shard counts are needed to build the DAG.
+        from mimia.data.splits import read_assignment
+
+        try:
+            counts = dict(read_assignment(exp["split"]["assignment"]).group_by("role").len().rows())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"experiment {name!r}: split.assignment: {err}") from None
+        empty = [role for role in ROLES if not counts.get(role)]
+        if empty:
+            raise ValueError(f"experiment {name!r}: split.assignment leaves roles {empty} empty")
+        exp["split"].update({role: counts[role] for role in ROLES})
     try:
         model_spec(exp)
     except ValueError as err:

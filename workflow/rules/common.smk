@@ -38,6 +38,11 @@ def exp_sections(*sections):
     return params
 
 
+def split_assignment(wildcards):
+    path = EXPERIMENTS[wildcards.experiment]["split"]["assignment"]
+    return [path] if path else []
+
+
 def shadow_models(experiment):
     return [f"shadow{i}" for i in range(EXPERIMENTS[experiment]["shadow"]["count"])]
 

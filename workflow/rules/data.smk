@@ -1,4 +1,6 @@
 rule split:
+    input:
+        assignment=split_assignment,
     output:
         manifest=f"{EXP}/data/manifest.parquet",
         membership=f"{EXP}/data/shadow_membership.parquet",

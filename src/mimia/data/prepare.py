@@ -8,21 +8,32 @@ import polars as pl
 
 from mimia.data.shards import write_tar_shard
 from mimia.data.sources import load_source
-from mimia.data.splits import ROLES, manifest_hash, shadow_membership, split_roles
+from mimia.data.splits import (
+    ROLES,
+    assigned_roles,
+    manifest_hash,
+    read_assignment,
+    shadow_membership,
+    split_roles,
+)
 from mimia.provenance import provenance, write_parquet
 
 
 def write_split(exp: dict, manifest_path: str | Path, membership_path: str | Path) -> pl.DataFrame:
     source = load_source(exp["dataset"])
     sizes = {role: exp["split"][role] for role in ROLES}
-    manifest = split_roles(
-        len(source),
-        sizes,
-        exp["seed"],
-        exp["dataset"]["name"],
-        source.labels,
-        shadow_classes=exp["split"].get("shadow_classes"),
-    )
+    if exp["split"].get("assignment"):
+        assignment = read_assignment(exp["split"]["assignment"])
+        manifest = assigned_roles(assignment, source.keys, exp["dataset"]["name"], source.labels)
+    else:
+        manifest = split_roles(
+            len(source),
+            sizes,
+            exp["seed"],
+            exp["dataset"]["name"],
+            source.labels,
+            shadow_classes=exp["split"].get("shadow_classes"),
+        )
     meta = provenance(
         seed=exp["seed"], manifest_sha256=manifest_hash(manifest), dataset=exp["dataset"]["name"]
     )

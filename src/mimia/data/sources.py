@@ -20,11 +20,20 @@ SOURCES = ("digits", "cifar10", "cifar100", "stl10", "image_folder", "webdataset
 
 @dataclass
 class ImageSource:
-    """A dataset as parallel lists: ``images[i]`` is uint8 ``[H, W, 3]`` or a loader of one."""
+    """A dataset by index: ``image(i)`` is uint8 ``[H, W, 3]``, ``labels[i]`` its class.
+
+    ``keys[i]`` names image ``i`` for people: its index for the bundled and torchvision
+    datasets, its path under the root for an image folder, its ``__key__`` in webdataset shards.
+    """
 
     name: str
     labels: np.ndarray
     _get: Any  # callable index -> PIL image
+    keys: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.keys is None:
+            self.keys = [str(i) for i in range(len(self.labels))]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -102,7 +111,8 @@ def _image_folder(root: Path) -> ImageSource:
     classes = sorted({p.parent for p in files} - {root})
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index.get(p.parent, -1) for p in files], dtype=np.int64)
-    return ImageSource(f"folder:{root.name}", labels, lambda i: Image.open(files[i]))
+    keys = [p.relative_to(root).as_posix() for p in files]
+    return ImageSource(f"folder:{root.name}", labels, lambda i: Image.open(files[i]), keys)
 
 
 def _webdataset(urls: str | list[str] | None) -> ImageSource:
@@ -122,4 +132,6 @@ def _webdataset(urls: str | list[str] | None) -> ImageSource:
         raise ValueError(f"webdataset {urls!r} holds no samples")
     keys = sorted(samples)
     labels = np.array([samples[k][1] for k in keys], dtype=np.int64)
-    return ImageSource("webdataset", labels, lambda i: Image.open(io.BytesIO(samples[keys[i]][0])))
+    return ImageSource(
+        "webdataset", labels, lambda i: Image.open(io.BytesIO(samples[keys[i]][0])), keys
+    )

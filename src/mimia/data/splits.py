@@ -10,6 +10,7 @@ adversary image is IN for some and OUT for others.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -80,6 +81,56 @@ def split_roles(
         )
     manifest = pl.concat(frames)
     check_manifest(manifest, sizes)
+    return manifest
+
+
+def read_assignment(path: str | Path) -> pl.DataFrame:
+    """A user's role assignment: CSV or Parquet with columns ``key`` and ``role``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"role assignment {path} does not exist")
+    df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
+    missing = {"key", "role"} - set(df.columns)
+    if missing:
+        raise ValueError(
+            f"role assignment {path} lacks columns {sorted(missing)}; has {df.columns}"
+        )
+    df = df.select(pl.col("key").cast(pl.String), pl.col("role").cast(pl.String))
+    bad = sorted(set(df["role"]) - set(ROLES))
+    if bad:
+        raise ValueError(f"role assignment {path}: unknown roles {bad}; expected {ROLES}")
+    dup = df.filter(pl.col("key").is_duplicated())["key"].unique().to_list()
+    if dup:
+        raise ValueError(f"role assignment {path}: keys listed twice, e.g. {dup[:3]}")
+    return df
+
+
+def assigned_roles(
+    assignment: pl.DataFrame, keys: list[str], dataset: str, labels: np.ndarray
+) -> pl.DataFrame:
+    """The manifest of a given assignment (the auditor knows the encoder's training images)."""
+    index = {k: i for i, k in enumerate(keys)}
+    unknown = [k for k in assignment["key"] if k not in index]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} keys of the role assignment are not in dataset {dataset!r}, "
+            f"e.g. {unknown[:3]} (keys look like {keys[:2]})"
+        )
+    idx = np.array([index[k] for k in assignment["key"]], dtype=np.int64)
+    manifest = pl.DataFrame(
+        {
+            "sample_id": [f"{dataset}-{i:07d}" for i in idx],
+            "source_index": idx,
+            "label": labels[idx].astype(np.int64),
+            "role": assignment["role"],
+        },
+        schema=MANIFEST_SCHEMA,
+    ).sort("role", "sample_id")
+    counts = dict(manifest.group_by("role").len().iter_rows())
+    check_manifest(manifest, {role: counts.get(role, 0) for role in ROLES})
+    empty = [role for role in ROLES if not counts.get(role)]
+    if empty:
+        raise ValueError(f"role assignment leaves roles {empty} empty")
     return manifest
 
 
