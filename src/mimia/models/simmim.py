@@ -47,4 +47,4 @@ class SimMIM(MIMModel):
         return self.patchify(self.decoder(fmap))
 
     def patch_errors(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        return (pred - self.patchify(x)).abs().mean(dim=-1)
+        return (pred - self.target(x)).abs().mean(dim=-1)
