@@ -20,6 +20,7 @@ from mimia.attacks import (
     build_attack,
     observations_from_errors,
 )
+from mimia.attacks.classifier import sorted_error_features
 from mimia.metrics import auc, balanced_accuracy, tpr_at_fpr
 
 ROLES = ("target_member", "target_nonmember", "shadow_member", "shadow_nonmember")
@@ -377,7 +378,11 @@ def test_classifier_attack(easy_world):
     for model in ("logreg", "mlp"):
         attack, scores = fitted_scores("classifier", shadow, target, model=model, seed=3)
         assert auc(target.labels, scores) > 0.7, model
-        assert scores.min() >= 0 and scores.max() <= 1
+        proba = attack.pipeline.predict_proba(sorted_error_features(target, None))[:, 1]
+        if model == "logreg":  # log-odds of the member probability
+            np.testing.assert_allclose(1 / (1 + np.exp(-scores)), proba, rtol=1e-9, atol=1e-12)
+        else:
+            np.testing.assert_array_equal(scores, proba)
         again = ClassifierAttack(model=model, seed=3).fit(shadow).score(target)
         np.testing.assert_array_equal(scores, again)
     one = Observations(target.sample_ids, target.errors[:, :1], target.mask_ratios[:1])

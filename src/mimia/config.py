@@ -173,4 +173,3 @@ def train_config(exp: dict, section: str = "pretrain", seed_offset: int = 0) -> 
 
 def shard_count(exp: dict, role: str) -> int:
     return math.ceil(exp["split"][role] / exp["split"]["shard_size"])
-

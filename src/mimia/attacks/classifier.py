@@ -1,7 +1,8 @@
 """A learned attack on the whole error profile: for each mask ratio, the K per-mask errors
 sorted ascending (masks are exchangeable, sorting makes the features permutation invariant),
 concatenated over ratios, log-transformed and standardised, fed to a scikit-learn classifier
-trained on the shadow model's members vs non-members. Score = predicted member probability."""
+trained on the shadow model's members vs non-members. Score: the member log-odds (logreg) or
+probability (mlp)."""
 
 from __future__ import annotations
 
@@ -78,4 +79,9 @@ class ClassifierAttack(Attack):
             )
         x = sorted_error_features(obs, self.ratios)
         member_col = list(self.pipeline.classes_).index(True)
+        if self.model == "logreg":
+            # Log-odds, not probabilities: probabilities saturate at 1.0 and the resulting ties
+            # at the top of the ranking cost TPR at low FPR. Same order otherwise.
+            logit = self.pipeline.decision_function(x)
+            return logit if member_col == 1 else -logit
         return self.pipeline.predict_proba(x)[:, member_col]
