@@ -17,7 +17,11 @@ os.environ.update(
 )
 
 
-configfile: "config/config.yaml"
+# The shipped experiments, unless the user names a config file of their own: then that file
+# alone says what runs (and every default still comes from the schema).
+if not workflow.config_settings.configfiles:
+
+    configfile: "config/config.yaml"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
@@ -29,6 +33,16 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/attack.smk"
 include: "workflow/rules/report.smk"
+
+
+# Quick bookkeeping jobs run where Snakemake runs, never as cluster submissions.
+localrules:
+    all,
+    membership,
+    collect_errors,
+    experiment_metrics,
+    summary,
+    ablation_plot,
 
 
 rule all:

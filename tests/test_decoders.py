@@ -4,10 +4,12 @@ import torch
 
 from mimia.data.shards import write_tar_shard
 from mimia.data.sources import load_source
-from mimia.data.splits import ROLES, split_roles
-from mimia.decoders import adapt_stage, attach_decoder
+from mimia.data.splits import ROLES, manifest_hash, split_roles
+from mimia.decoders import attach_decoder
 from mimia.models import build_model
 from mimia.models.checkpoint import load_model, save_model
+from mimia.provenance import write_parquet
+from mimia.stages import adapt_decoder as adapt_decoder_stage
 
 
 def test_attach_decoder_swaps_only_the_decoder(tiny_spec):
@@ -33,7 +35,7 @@ def test_adaptation_freezes_the_target_encoder_and_reads_only_adversary_data(tin
     sizes = dict.fromkeys(ROLES, 16)
     manifest = split_roles(len(src), sizes, 0, "digits", src.labels)
     manifest_path = tmp_path / "manifest.parquet"
-    manifest.write_parquet(manifest_path)
+    write_parquet(manifest, manifest_path, {"manifest_sha256": manifest_hash(manifest)})
     shards = {}
     for role in ROLES:
         shards[role] = tmp_path / f"{role}-000000.tar"
@@ -42,17 +44,19 @@ def test_adaptation_freezes_the_target_encoder_and_reads_only_adversary_data(tin
     target, shadow = build_model(tiny_spec), build_model(tiny_spec)
     save_model(target, tmp_path / "target.safetensors")
     save_model(shadow, tmp_path / "shadow.safetensors")
-    exp = {"seed": 0, "adapt": {"epochs": 3, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 1}}
     out = tmp_path / "adapted" / "model.safetensors"
     # Every shard is offered, target roles included: only the shadow roles may be read.
-    adapt_stage(
-        exp,
-        tmp_path / "target.safetensors",
-        tmp_path / "shadow.safetensors",
-        manifest_path,
-        list(shards.values()),
-        out,
-        tmp_path / "log.parquet",
+    adapt_decoder_stage(
+        target=tmp_path / "target.safetensors",
+        shadow=tmp_path / "shadow.safetensors",
+        manifest=manifest_path,
+        shards=list(shards.values()),
+        weights=out,
+        sidecar=out.with_suffix(".json"),
+        train_log=tmp_path / "log.parquet",
+        train={"epochs": 3, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 1},
+        seed=0,
+        runtime={"device": "cpu", "compile": False},
     )
     adapted = load_model(out)
     for k, v in target.encoder.state_dict().items():

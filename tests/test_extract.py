@@ -32,7 +32,6 @@ def _extract(model, shard, out, **kw):
     args = dict(
         model_name="target",
         decoder="released",
-        is_member=lambda s: True,
         seed=5,
         mask_ratios=[0.5, 0.75],
         num_masks=3,

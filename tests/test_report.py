@@ -38,9 +38,8 @@ def test_experiment_table_summary_and_markdown(tmp_path):
         ("base", None),
         ("base__k-4", {"name": "k", "parameter": "extract.num_masks", "value": 4, "order": 0}),
     ):
-        exp = {"seed": 3, **({"ablation": ablation} if ablation else {})}
         df = experiment_metrics(
-            name, exp, files, tmp_path / f"{name}.json", tmp_path / f"{name}.parquet"
+            name, 3, ablation, files, tmp_path / f"{name}.json", tmp_path / f"{name}.parquet"
         )
         assert df.height == 3
         tables.append(tmp_path / f"{name}.parquet")

@@ -1,33 +1,40 @@
-"""Experiments from the workflow config: defaults merged in, validated, ablations expanded.
+"""Experiments from the workflow config: merged, completed from the schema, validated,
+ablations expanded, and cut into the per-rule parameters that decide what reruns.
 
-The top-level config is validated by the Snakefile against ``config.schema.yaml``; each
-resolved experiment is validated here against ``experiment.schema.yaml`` (which fills in
-defaults), before any job runs.
+Torch-free by design: the Snakefile resolves the config every time it is read (the DAG build,
+and every cluster job), so only yaml, jsonschema and the light registries are imported here.
+
+Merging (``defaults`` under each experiment, an ablation value over its base) follows three
+rules: a mapping merges key by key; ``{}`` clears a mapping (``encoder_overrides: {}`` keeps
+the named timm encoder's own sizes); any other value, lists included, replaces; ``null``
+removes the key so the schema's default applies again.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-from mimia.data.splits import ROLES
-from mimia.models.spec import ModelSpec
-from mimia.pretrain import TrainConfig
+from mimia.layout import ROLES
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+ABLATION_SEPARATOR = "__"
 
 
 def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` over ``base``: see the module docstring for the three rules."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -46,30 +53,68 @@ def set_path(d: dict, dotted: str, value: Any) -> dict:
     return out
 
 
-def _validator(schema_dir: Path):
-    schema = yaml.safe_load((schema_dir / "experiment.schema.yaml").read_text())
+def canonical(value: Any) -> Any:
+    """``value`` with every mapping's keys sorted, recursively.
+
+    Snakemake compares rule params by their ``repr``: two configs that differ only in key
+    order (or in whether a default was written out) must give the same params, or every job
+    reruns with "params have changed".
+    """
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    return value
+
+
+def _load_schema(schema_dir: Path = SCHEMA_DIR) -> dict:
+    return yaml.safe_load((schema_dir / "experiment.schema.yaml").read_text())
+
+
+def schema_defaults(section: str) -> dict:
+    """The schema's defaults of one experiment section (e.g. ``pretrain``)."""
+    props = _load_schema()["properties"][section]["properties"]
+    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+
+
+def _validator(schema: dict):
     base = jsonschema.Draft202012Validator
 
     def fill_defaults(validator, properties, instance, schema):
-        for prop, sub in properties.items():
-            if isinstance(instance, dict) and "default" in sub and prop not in instance:
-                instance[prop] = copy.deepcopy(sub["default"])
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if "default" in sub and prop not in instance:
+                    instance[prop] = copy.deepcopy(sub["default"])
+                # YAML writes 20.0 for a whole number now and then: an integer setting gets
+                # the int, so it neither crashes later (range(20.0)) nor changes rule params.
+                value = instance.get(prop)
+                if sub.get("type") == "integer" and isinstance(value, float) and value.is_integer():
+                    instance[prop] = int(value)
         yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
-    cls = jsonschema.validators.extend(base, {"properties": fill_defaults})
-    return cls(schema)
+    return jsonschema.validators.extend(base, {"properties": fill_defaults})(schema)
 
 
 def resolve_experiments(config: dict, schema_dir: Path = SCHEMA_DIR) -> dict[str, dict]:
-    """Every experiment (ablations included), merged with defaults and validated."""
+    """Every experiment (ablations included), merged, completed from the schema, validated.
+
+    ``config["select"]``, when given, keeps only those experiments (after checking every name
+    exists).
+    """
     defaults = config.get("defaults") or {}
     raw = {name: deep_merge(defaults, exp or {}) for name, exp in config["experiments"].items()}
     for ablation, spec in (config.get("ablations") or {}).items():
         base = spec["base"]
-        if base not in raw:
+        if base not in config["experiments"]:
             raise ValueError(f"ablation {ablation!r}: base experiment {base!r} is not defined")
         for order, value in enumerate(spec["values"]):
-            name = f"{base}__{ablation}-{_slug(value)}"
+            name = f"{base}{ABLATION_SEPARATOR}{ablation}-{_slug(value)}"
+            if name in raw:
+                what = "an experiment" if name in config["experiments"] else "another ablation"
+                raise ValueError(
+                    f"ablation {ablation!r} value {value!r} would be experiment {name!r}, "
+                    f"which {what} already defines: rename one of them"
+                )
             exp = raw[base]
             for dotted in _as_list(spec["parameter"]):
                 exp = set_path(exp, dotted, value)
@@ -80,7 +125,13 @@ def resolve_experiments(config: dict, schema_dir: Path = SCHEMA_DIR) -> dict[str
                 "order": order,
             }
             raw[name] = exp
-    validator = _validator(schema_dir)
+    select = config.get("select")
+    if select is not None:
+        unknown = sorted(set(select) - set(raw))
+        if unknown:
+            raise ValueError(f"select names unknown experiments {unknown}; defined: {sorted(raw)}")
+        raw = {name: raw[name] for name in raw if name in select}
+    validator = _validator(_load_schema(schema_dir))
     resolved = {}
     for name, exp in raw.items():
         if not NAME.match(name):
@@ -92,8 +143,11 @@ def resolve_experiments(config: dict, schema_dir: Path = SCHEMA_DIR) -> dict[str
             e = errors[0]
             where = ".".join(str(p) for p in e.path) or "(top level)"
             raise ValueError(f"experiment {name!r}: {where}: {e.message}")
-        _check(name, exp)
-        resolved[name] = exp
+        try:
+            _check(exp)
+        except ValueError as err:
+            raise ValueError(f"experiment {name!r}: {err}") from None
+        resolved[name] = canonical(exp)
     return resolved
 
 
@@ -106,55 +160,100 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "_", text)
 
 
-def _check(name: str, exp: dict) -> None:
+def _check(exp: dict) -> None:
     """Cross-field checks the schema cannot express, so bad input fails before any job."""
     if exp["split"].get("assignment"):
         # Role sizes come from the assignment: shard counts are needed to build the DAG.
-        from mimia.data.splits import read_assignment
-
-        try:
-            counts = dict(read_assignment(exp["split"]["assignment"]).group_by("role").len().rows())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"experiment {name!r}: split.assignment: {err}") from None
-        empty = [role for role in ROLES if not counts.get(role)]
-        if empty:
-            raise ValueError(f"experiment {name!r}: split.assignment leaves roles {empty} empty")
-        exp["split"].update({role: counts[role] for role in ROLES})
+        exp["split"].update(_assignment_sizes(exp["split"]["assignment"]))
     try:
-        model_spec(exp)
+        spec = model_spec(exp)
     except ValueError as err:
-        raise ValueError(f"experiment {name!r}: model: {err}") from None
-    from mimia.attacks import ATTACKS
-
-    target = exp["target"]
-    if target["checkpoint"] and target["format"] == "timm" and "released" in exp["decoder"]:
-        raise ValueError(
-            f"experiment {name!r}: a timm target checkpoint is an encoder only; decoder mode "
-            f"'released' needs the target's decoder (use decoder: [shadow, adapted])"
-        )
-
-    for key, params in exp["attacks"].items():
-        kind = (params or {}).get("attack", key)
-        if kind not in ATTACKS:
-            raise ValueError(
-                f"experiment {name!r}: attacks.{key}: unknown attack {kind!r}; "
-                f"known: {sorted(ATTACKS)}"
-            )
+        raise ValueError(f"model: {err}") from None
+    _check_target(exp, spec)
+    _check_attacks(exp)
     for section in ("pretrain", "adapt"):
         cfg = exp[section]
         if cfg["warmup_epochs"] > cfg["epochs"]:
             raise ValueError(
-                f"experiment {name!r}: {section}.warmup_epochs={cfg['warmup_epochs']} exceeds "
+                f"{section}.warmup_epochs={cfg['warmup_epochs']} exceeds "
                 f"{section}.epochs={cfg['epochs']}"
             )
-        if cfg["batch_size"] > min(exp["split"][r] for r in ROLES):
+        smallest = min(exp["split"][r] for r in ROLES)
+        if cfg["batch_size"] > smallest:
             raise ValueError(
-                f"experiment {name!r}: {section}.batch_size={cfg['batch_size']} is larger than "
-                f"the smallest role ({min(exp['split'][r] for r in ROLES)} images)"
+                f"{section}.batch_size={cfg['batch_size']} is larger than the smallest role "
+                f"({smallest} images)"
             )
 
 
-def model_spec(exp: dict) -> ModelSpec:
+def _assignment_sizes(path: str) -> dict[str, int]:
+    import polars as pl
+
+    from mimia.data.splits import read_assignment
+
+    try:
+        roles = read_assignment(path)
+    except (OSError, ValueError, pl.exceptions.PolarsError) as err:
+        raise ValueError(f"split.assignment: {err}") from None
+    counts = dict(roles.group_by("role").len().rows())
+    empty = [role for role in ROLES if not counts.get(role)]
+    if empty:
+        raise ValueError(f"split.assignment leaves roles {empty} empty")
+    return {role: counts[role] for role in ROLES}
+
+
+def _check_target(exp: dict, spec) -> None:
+    """A released target must be what the ``model`` section describes: that section builds
+    the shadow models, whose decoders go on the target encoder."""
+    from mimia.models.spec import declared_spec, spec_differences
+
+    target = exp["target"]
+    if not target["checkpoint"]:
+        return
+    if target["format"] == "timm" and "released" in exp["decoder"]:
+        raise ValueError(
+            "a timm target checkpoint is an encoder only; decoder mode 'released' needs the "
+            "target's decoder (use decoder: [shadow, adapted])"
+        )
+    declared = declared_spec(target["checkpoint"], target["format"])
+    if declared is None:  # timm / mae: checked against the tensors' shapes at import
+        return
+    # A released encoder keeps its own normalisation; the decoder is the shadow's in
+    # the encoder-only modes, so its fields need not match unless it is used as released.
+    ignore = ["mean", "std"]
+    if "released" not in exp["decoder"]:
+        ignore += ["decoder_embed_dim", "decoder_depth", "decoder_num_heads"]
+    diff = spec_differences(declared, spec, ignore=ignore)
+    if diff:
+        raise ValueError(
+            f"target.checkpoint {target['checkpoint']} is not the architecture the model "
+            f"section describes ({'; '.join(diff)}). The checkpoint is the audited target "
+            f"and wins; describe it in the model section, which also builds the shadow models"
+        )
+
+
+def _check_attacks(exp: dict) -> None:
+    from mimia.attacks import needs_online_references, validate_entry
+
+    ratios = exp["extract"]["mask_ratios"]
+    online = False
+    for key, entry in exp["attacks"].items():
+        if not NAME.match(key):
+            raise ValueError(f"attack result name {key!r} must match {NAME.pattern}")
+        kind, params = validate_entry(key, entry, ratios)
+        online |= needs_online_references(kind, params)
+    # Online attacks need reference models that trained on the queried images: one switch.
+    exp["shadow"]["online"] = exp["shadow"]["online"] or online
+
+
+def attack_kind(entry: dict | None, key: str) -> str:
+    """The registry name of the attack behind result name ``key``."""
+    return (entry or {}).get("attack", key)
+
+
+def model_spec(exp: dict):
+    from mimia.models.spec import ModelSpec
+
     m = dict(exp["model"])
     if m.get("mean") is not None:
         m["mean"], m["std"] = tuple(m["mean"]), tuple(m["std"])
@@ -163,13 +262,6 @@ def model_spec(exp: dict) -> ModelSpec:
     return ModelSpec(img_size=exp["dataset"]["img_size"], **m)
 
 
-def train_config(exp: dict, section: str = "pretrain", seed_offset: int = 0) -> TrainConfig:
-    cfg = dict(exp[section])
-    for key in ("betas", "crop_scale"):
-        if key in cfg:
-            cfg[key] = tuple(cfg[key])
-    return TrainConfig(seed=exp["seed"] + seed_offset, **cfg)
-
-
-def shard_count(exp: dict, role: str) -> int:
-    return math.ceil(exp["split"][role] / exp["split"]["shard_size"])
+def section(exp: dict, name: str, drop: Iterable[str] = ()) -> dict:
+    """A config section without the keys in ``drop``, canonical (for rule params)."""
+    return canonical({k: v for k, v in exp[name].items() if k not in set(drop)})

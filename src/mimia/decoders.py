@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 
 from mimia.models.base import MIMModel
-from mimia.pretrain import TrainConfig, resume_path_for, save_trained, train_mim
-
-DECODER_MODES = ("released", "shadow", "adapted")
+from mimia.pretrain import TrainConfig, train_mim
 
 
 def attach_decoder(target: MIMModel, shadow: MIMModel) -> MIMModel:
@@ -76,40 +74,3 @@ def adapt_decoder(
         trainable=[(f"decoder.{n}", p) for n, p in model.decoder.named_parameters()],
     )
     return model, history
-
-
-def adapt_stage(
-    exp: dict,
-    target_weights: str | Path,
-    shadow_weights: str | Path,
-    manifest_path: str | Path,
-    shard_files: list[str | Path],
-    weights_path: str | Path,
-    log_table_path: str | Path,
-) -> None:
-    """Fit the ``adapted`` decoder on the adversary's shards only (shadow roles)."""
-    import polars as pl
-
-    from mimia.config import train_config
-    from mimia.data.shards import load_images
-    from mimia.data.splits import SHADOW_ROLES, manifest_hash
-    from mimia.models.checkpoint import file_sha256, load_model
-
-    manifest = pl.read_parquet(manifest_path)
-    ids = set(manifest.filter(pl.col("role").is_in(SHADOW_ROLES))["sample_id"])
-    _, images = load_images(shard_files, ids)
-    cfg = train_config(exp, "adapt", seed_offset=10_000)
-    resume = resume_path_for(weights_path)
-    target, shadow = load_model(target_weights), load_model(shadow_weights)
-    fingerprint = f"{file_sha256(target_weights)}|{file_sha256(shadow_weights)}|{cfg}|{len(ids)}"
-    model, history = adapt_decoder(target, shadow, images, cfg, resume, fingerprint)
-    info = {
-        "model": "target-adapted",
-        "adapt_config": exp["adapt"],
-        "seed": cfg.seed,
-        "num_train_images": len(ids),
-        "manifest_sha256": manifest_hash(manifest),
-        "target_sha256": file_sha256(target_weights),
-        "decoder_released": False,
-    }
-    save_trained(model, history, info, weights_path, log_table_path)

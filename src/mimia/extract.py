@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,11 +22,12 @@ from mimia.data.shards import shard_dataset
 from mimia.masking import deterministic_masks
 from mimia.models.base import MIMModel
 
+# No role or membership label: an error table says how well a model reconstructs an image,
+# nothing about the image's role. Labels are joined from the manifest at attack time, so that
+# extraction depends on neither the shadow membership nor the target's labels.
 ERROR_SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
-        ("role", pa.string()),
-        ("is_member", pa.bool_()),
         ("model", pa.string()),
         ("decoder", pa.string()),
         ("mask_ratio", pa.float32()),
@@ -104,7 +105,6 @@ def extract_shard(
     *,
     model_name: str,
     decoder: str,
-    is_member: Callable[[str], bool],
     seed: int,
     mask_ratios: Sequence[float],
     num_masks: int,
@@ -119,14 +119,12 @@ def extract_shard(
     schema = ERROR_SCHEMA.with_metadata(metadata or {})
     rows = 0
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for ids, imgs, roles in shard_loader([shard], batch_size, num_workers):
+        for ids, imgs, _ in shard_loader([shard], batch_size, num_workers):
             for ratio in mask_ratios:
                 res = score_batch(model, imgs, ids, seed, ratio, num_masks)
                 b = len(ids)
                 table = {
                     "sample_id": [s for s in ids for _ in range(num_masks)],
-                    "role": [r for r in roles for _ in range(num_masks)],
-                    "is_member": [is_member(s) for s in ids for _ in range(num_masks)],
                     "model": [model_name] * (b * num_masks),
                     "decoder": [decoder] * (b * num_masks),
                     "mask_ratio": [float(ratio)] * (b * num_masks),
@@ -147,7 +145,8 @@ def scoring_model(
     ``checkpoints`` holds ``model`` (the audited model, or for ``adapted`` the adapted model)
     and, for ``shadow``, ``shadow`` (whose decoder goes on the model's encoder).
     """
-    from mimia.decoders import DECODER_MODES, attach_decoder
+    from mimia.decoders import attach_decoder
+    from mimia.layout import DECODER_MODES
     from mimia.models.checkpoint import load_model
 
     if decoder not in DECODER_MODES:
@@ -158,58 +157,11 @@ def scoring_model(
     return model.to(device).eval()
 
 
-def extract_stage(
-    exp: dict,
-    model_name: str,
-    decoder: str,
-    checkpoints: dict[str, str | Path],
-    shard_file: str | Path,
-    manifest_path: str | Path,
-    membership_path: str | Path,
-    out_path: str | Path,
-    num_workers: int | None = None,
-) -> int:
-    import polars as pl
-
-    from mimia.data.splits import manifest_hash, membership_lookup
-    from mimia.models.checkpoint import file_sha256
-    from mimia.pretrain import resolve_device
-    from mimia.provenance import provenance
-
-    manifest = pl.read_parquet(manifest_path)
-    members = membership_lookup(model_name, manifest, pl.read_parquet(membership_path))
-    device = resolve_device(exp["pretrain"]["device"])
-    model = scoring_model(decoder, checkpoints, device=str(device))
-    cfg = exp["extract"]
-    meta = provenance(
-        seed=exp["seed"],
-        manifest_sha256=manifest_hash(manifest),
-        checkpoint_sha256={k: file_sha256(v) for k, v in checkpoints.items()},
-        model=model_name,
-        decoder=decoder,
-        mask_ratios=cfg["mask_ratios"],
-        num_masks=cfg["num_masks"],
-    )
-    return extract_shard(
-        model,
-        shard_file,
-        out_path,
-        model_name=model_name,
-        decoder=decoder,
-        is_member=members.__getitem__,
-        seed=exp["seed"],
-        mask_ratios=cfg["mask_ratios"],
-        num_masks=cfg["num_masks"],
-        batch_size=cfg["batch_size"],
-        num_workers=cfg["num_workers"] if num_workers is None else num_workers,
-        metadata=meta,
-    )
-
-
 def collect_errors(paths: Sequence[str | Path], out_path: str | Path) -> None:
     """Concatenate per-shard error tables; all must come from the same split and seed."""
     import polars as pl
 
+    from mimia.models.checkpoint import file_sha256
     from mimia.provenance import provenance, read_metadata, write_parquet
 
     metas = [read_metadata(p) for p in paths]
@@ -218,7 +170,11 @@ def collect_errors(paths: Sequence[str | Path], out_path: str | Path) -> None:
         if len(values) != 1:
             raise ValueError(f"error tables disagree on {key}: {sorted(map(str, values))}")
     df = pl.concat([pl.read_parquet(p) for p in paths])
-    meta = provenance(seed=metas[0]["seed"], manifest_sha256=metas[0]["manifest_sha256"])
+    meta = provenance(
+        seed=int(metas[0]["seed"]),
+        manifest_sha256=metas[0]["manifest_sha256"],
+        inputs_sha256={str(p): file_sha256(p) for p in paths},
+    )
     write_parquet(df, out_path, meta)
 
 
@@ -268,45 +224,21 @@ def view_similarities(model: MIMModel, views: torch.Tensor) -> torch.Tensor:
     return sims[:, iu[0], iu[1]].cpu()
 
 
-def embed_stage(
-    exp: dict,
-    model_name: str,
-    weights: str | Path,
+def embed_shards(
+    model: MIMModel,
     shard_files: Sequence[str | Path],
-    manifest_path: str | Path,
-    membership_path: str | Path,
-    out_path: str | Path,
-) -> None:
-    """EncoderMI features of every image: similarities of the encoder's augmented views."""
+    model_name: str,
+    seed: int,
+    num_views: int,
+    batch_size: int,
+):
+    """EncoderMI features of every image of the shards: ``sample_id, model, similarities``."""
     import polars as pl
 
-    from mimia.data.splits import manifest_hash, membership_lookup
-    from mimia.models.checkpoint import file_sha256, load_model
-    from mimia.provenance import provenance, write_parquet
-
-    manifest = pl.read_parquet(manifest_path)
-    members = membership_lookup(model_name, manifest, pl.read_parquet(membership_path))
-    model = load_model(weights)
-    cfg = exp["embed"]
     frames = []
-    for ids, imgs, roles in shard_loader(shard_files, exp["extract"]["batch_size"], 0):
-        views = augmented_views(imgs, ids, exp["seed"], cfg["num_views"])
-        sims = view_similarities(model, views)
+    for ids, imgs, _ in shard_loader(shard_files, batch_size, 0):
+        sims = view_similarities(model, augmented_views(imgs, ids, seed, num_views))
         frames.append(
-            pl.DataFrame(
-                {
-                    "sample_id": ids,
-                    "role": roles,
-                    "is_member": [members[s] for s in ids],
-                    "model": model_name,
-                    "similarities": sims.numpy(),
-                },
-            )
+            pl.DataFrame({"sample_id": ids, "model": model_name, "similarities": sims.numpy()})
         )
-    meta = provenance(
-        seed=exp["seed"],
-        manifest_sha256=manifest_hash(manifest),
-        checkpoint_sha256=file_sha256(weights),
-        num_views=cfg["num_views"],
-    )
-    write_parquet(pl.concat(frames), out_path, meta)
+    return pl.concat(frames)

@@ -10,6 +10,7 @@ same arguments continues from there and ends with the same weights as an uninter
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -28,25 +29,46 @@ from mimia.models.base import MIMModel
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 64
-    accum_iter: int = 1
-    blr: float = 1.5e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_epochs: int = 10
-    mask_ratio: float = 0.75
-    augment: bool = False
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    checkpoint_every: int = 10
-    compile: bool = False
+    """One training run's settings: a ``pretrain``/``adapt`` config section (whose defaults
+    live in the experiment schema, see :meth:`from_section`) plus the seed and the runtime
+    knobs ``device`` and ``compile``, which change how it runs, not what it computes."""
+
+    epochs: int
+    batch_size: int
+    accum_iter: int
+    blr: float
+    min_lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    warmup_epochs: int
+    mask_ratio: float
+    augment: bool
+    crop_scale: tuple[float, float]
+    checkpoint_every: int
     seed: int = 0
     device: str = "auto"
+    compile: bool = False
+
+    @classmethod
+    def from_section(
+        cls, section: dict, *, seed: int = 0, device: str = "auto", compile: bool = False
+    ) -> TrainConfig:
+        """From a config section; keys it leaves out take the schema's ``pretrain`` defaults."""
+        from mimia.config import schema_defaults
+
+        values = {**schema_defaults("pretrain"), **section}
+        for key in ("betas", "crop_scale"):
+            values[key] = tuple(values[key])
+        return cls(seed=seed, device=device, compile=compile, **values)
 
     @property
     def lr(self) -> float:
         return self.blr * self.batch_size * self.accum_iter / 256
+
+    def fingerprint(self) -> str:
+        """What the trained weights depend on (a resume file must match it): not the device."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return repr({k: v for k, v in fields.items() if k not in ("device", "compile")})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,44 +228,6 @@ def _save_resume(path: Path, model, optimizer, gen, epoch, history, fingerprint)
         tmp,
     )
     os.replace(tmp, path)
-
-
-def pretrain_stage(
-    exp: dict,
-    model_name: str,
-    manifest_path: str | Path,
-    membership_path: str | Path,
-    shard_files: list[str | Path],
-    weights_path: str | Path,
-    log_table_path: str | Path,
-) -> None:
-    """Pre-train the target or one shadow model of an experiment and write its checkpoint."""
-    import polars as pl
-
-    from mimia.config import model_spec, train_config
-    from mimia.data.shards import load_images
-    from mimia.data.splits import manifest_hash, training_ids
-    from mimia.models import build_model
-
-    manifest = pl.read_parquet(manifest_path)
-    ids = training_ids(model_name, manifest, pl.read_parquet(membership_path))
-    _, images = load_images(shard_files, ids)
-    offset = 0 if model_name == "target" else 1 + int(model_name.removeprefix("shadow"))
-    cfg = train_config(exp, "pretrain", seed_offset=offset)
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_spec(exp))
-    resume = resume_path_for(weights_path)
-    fingerprint = f"{model.spec.to_dict()}|{cfg}|{sorted(ids)}"
-    history = train_mim(model, images, cfg, resume_path=resume, fingerprint=fingerprint)
-    info = {
-        "model": model_name,
-        "train_config": exp["pretrain"],
-        "seed": cfg.seed,
-        "num_train_images": len(ids),
-        "manifest_sha256": manifest_hash(manifest),
-        "decoder_released": True,
-    }
-    save_trained(model, history, info, weights_path, log_table_path)
 
 
 def resume_path_for(weights_path: str | Path) -> Path:

@@ -1,10 +1,20 @@
-# Experiments, paths and input functions shared by every stage.
+# Experiments, paths, params and input functions shared by every stage. Torch-free: reading
+# the workflow (the DAG build, every cluster job) imports only the config layer.
 import re
 from pathlib import Path
 
-from mimia.attacks import ATTACKS
-from mimia.config import resolve_experiments, shard_count
-from mimia.data.splits import ROLES, SHADOW_ROLES, TARGET_ROLES
+from mimia.attacks import requires_embeddings
+from mimia.config import attack_kind, model_spec, resolve_experiments, section
+from mimia.data.sources import source_fingerprint
+from mimia.layout import (
+    REFERENCE_DECODER,
+    ROLES,
+    SHADOW_ROLES,
+    TARGET_ROLES,
+    Layout,
+    shard_count,
+    shadow_models,
+)
 
 EXPERIMENTS = resolve_experiments(
     config, Path(workflow.basedir) / "workflow" / "schemas"
@@ -13,6 +23,9 @@ RESULTS = config["results"]
 EXP = f"{RESULTS}/{{experiment}}"
 LOGS = f"{RESULTS}/logs/{{experiment}}"
 BENCH = f"{RESULTS}/benchmarks/{{experiment}}"
+PATTERN = Layout(RESULTS, "{experiment}")
+STAGE = "../scripts/stage.py"
+ENV = "../../envs/mimia.yaml"
 
 
 wildcard_constraints:
@@ -21,149 +34,146 @@ wildcard_constraints:
     shard=r"\d{6}",
     model=r"target|shadow\d+",
     decoder="released|shadow|adapted",
+    attack="|".join(
+        sorted({re.escape(a) for e in EXPERIMENTS.values() for a in e["attacks"]})
+    ),
+    ablation="|".join(
+        sorted(
+            {
+                re.escape(e["ablation"]["name"])
+                for e in EXPERIMENTS.values()
+                if e.get("ablation")
+            }
+        )
+        or ["(?!)"]
+    ),
 
 
-def exp(wildcards):
-    return EXPERIMENTS[wildcards.experiment]
+def layout(wildcards):
+    return Layout(RESULTS, wildcards.experiment)
 
 
-def exp_sections(*sections):
-    """Params holding only the config sections a rule reads, so that changing one section
-    reruns only the rules that depend on it."""
-
-    def params(wildcards):
-        e = EXPERIMENTS[wildcards.experiment]
-        return {key: e[key] for key in ("seed", *sections) if key in e}
-
-    return params
+def from_exp(fn):
+    """A params function: ``fn(experiment config, wildcards)``."""
+    return lambda wildcards: fn(EXPERIMENTS[wildcards.experiment], wildcards)
 
 
+# -- data ---------------------------------------------------------------------------------------
 def split_assignment(wildcards):
     path = EXPERIMENTS[wildcards.experiment]["split"]["assignment"]
     return [path] if path else []
 
 
-def shadow_models(experiment):
-    return [f"shadow{i}" for i in range(EXPERIMENTS[experiment]["shadow"]["count"])]
+def shard_files(experiment, roles):
+    return Layout(RESULTS, experiment).shards(EXPERIMENTS[experiment]["split"], roles)
 
 
-def shard_files(experiment, role):
-    e = EXPERIMENTS[experiment]
-    return [
-        f"{RESULTS}/{experiment}/data/shards/{role}-{i:06d}.tar"
-        for i in range(shard_count(e, role))
-    ]
-
-
+# -- models -------------------------------------------------------------------------------------
 def target_weights(experiment):
-    sub = (
-        "target-imported"
-        if EXPERIMENTS[experiment]["target"]["checkpoint"]
-        else "target"
+    imported = EXPERIMENTS[experiment]["target"]["checkpoint"]
+    return Layout(RESULTS, experiment).weights(
+        "target-imported" if imported else "target"
     )
-    return f"{RESULTS}/{experiment}/models/{sub}/model.safetensors"
 
 
-def model_weights(experiment, model):
+def pretrain_inputs(wildcards):
+    e, model = wildcards.experiment, wildcards.model
+    lay = Layout(RESULTS, e)
     if model == "target":
-        return target_weights(experiment)
-    return f"{RESULTS}/{experiment}/models/{model}/model.safetensors"
-
-
-def training_roles(experiment, model):
-    if model == "target":
-        return ["target_member"]
-    online = EXPERIMENTS[experiment]["shadow"]["online"]
-    return list(SHADOW_ROLES) + (list(TARGET_ROLES) if online else [])
-
-
-def pretrain_shards(wildcards):
-    return [
-        f
-        for role in training_roles(wildcards.experiment, wildcards.model)
-        for f in shard_files(wildcards.experiment, role)
-    ]
+        return {"manifest": lay.manifest, "shards": shard_files(e, ["target_member"])}
+    online = EXPERIMENTS[e]["shadow"]["online"]
+    roles = list(SHADOW_ROLES) + (list(TARGET_ROLES) if online else [])
+    return {
+        "manifest": lay.manifest,
+        "membership": lay.membership(model),
+        "shards": shard_files(e, roles),
+    }
 
 
 def adapt_inputs(wildcards):
     e = wildcards.experiment
+    lay = Layout(RESULTS, e)
     return {
         "target": target_weights(e),
-        "shadow": model_weights(e, "shadow0"),
-        "manifest": f"{RESULTS}/{e}/data/manifest.parquet",
-        "shards": [f for role in SHADOW_ROLES for f in shard_files(e, role)],
+        "shadow": lay.weights("shadow0"),
+        "manifest": lay.manifest,
+        "shards": shard_files(e, SHADOW_ROLES),
     }
 
 
 def scoring_checkpoints(wildcards):
     """Checkpoints that make up the scoring model of (model, decoder)."""
     e, decoder = wildcards.experiment, wildcards.decoder
+    lay = Layout(RESULTS, e)
     model = getattr(wildcards, "model", "target")
     if model != "target":
-        if decoder != "released":
-            raise ValueError(
-                f"shadow models are scored with their own decoder, not {decoder!r}"
-            )
-        return {"model": model_weights(e, model)}
+        return {"checkpoint": lay.weights(model)}
     if decoder == "adapted":
-        return {"model": f"{RESULTS}/{e}/models/target-adapted/model.safetensors"}
+        return {"checkpoint": lay.weights("target-adapted")}
     if decoder == "shadow":
-        return {"model": target_weights(e), "shadow": model_weights(e, "shadow0")}
-    return {"model": target_weights(e)}
+        return {
+            "checkpoint": target_weights(e),
+            "shadow_decoder": lay.weights("shadow0"),
+        }
+    return {"checkpoint": target_weights(e)}
 
 
+# -- errors and attacks -------------------------------------------------------------------------
 def error_files(experiment):
-    """Every per-shard error table an experiment's attacks read."""
+    """Every per-shard error table an experiment's attacks read: the target under each decoder
+    on the target roles, every shadow model with its own decoder on every role."""
     e = EXPERIMENTS[experiment]
-    files = [
-        f"{RESULTS}/{experiment}/errors/target/{decoder}/{role}-{i:06d}.parquet"
-        for decoder in e["decoder"]
-        for role in TARGET_ROLES
-        for i in range(shard_count(e, role))
+    lay = Layout(RESULTS, experiment)
+    scored = [("target", d, TARGET_ROLES) for d in e["decoder"]]
+    scored += [
+        (m, REFERENCE_DECODER, ROLES) for m in shadow_models(e["shadow"]["count"])
     ]
-    files += [
-        f"{RESULTS}/{experiment}/errors/{model}/released/{role}-{i:06d}.parquet"
-        for model in shadow_models(experiment)
-        for role in ROLES
-        for i in range(shard_count(e, role))
+    return [
+        lay.errors(model, decoder, role, i)
+        for model, decoder, roles in scored
+        for role in roles
+        for i in range(shard_count(e["split"], role))
     ]
-    return files
+
+
+def attack_entry(e, wildcards):
+    return e["attacks"][wildcards.attack]
 
 
 def attack_inputs(wildcards):
-    inputs = {
-        "errors": f"{RESULTS}/{wildcards.experiment}/errors.parquet",
-        "membership": f"{RESULTS}/{wildcards.experiment}/data/shadow_membership.parquet",
-    }
     e = EXPERIMENTS[wildcards.experiment]
-    kind = (e["attacks"][wildcards.attack] or {}).get("attack", wildcards.attack)
-    if ATTACKS[kind].requires_embeddings:
-        inputs["embeddings"] = [
-            f"{RESULTS}/{wildcards.experiment}/embeddings/{model}.parquet"
-            for model in ("target", "shadow0")
-        ]
+    lay = Layout(RESULTS, wildcards.experiment)
+    inputs = {
+        "errors": lay.all_errors,
+        "manifest": lay.manifest,
+        "membership": [lay.membership(m) for m in shadow_models(e["shadow"]["count"])],
+    }
+    kind = attack_kind(attack_entry(e, wildcards), wildcards.attack)
+    if requires_embeddings(kind):
+        inputs["embeddings"] = [lay.embeddings(m) for m in ("target", "shadow0")]
     return inputs
 
 
 def attack_metrics(experiment):
     e = EXPERIMENTS[experiment]
-    return [
-        f"{RESULTS}/{experiment}/attacks/{decoder}/{attack}.json"
-        for decoder in e["decoder"]
-        for attack in e["attacks"]
-    ]
+    lay = Layout(RESULTS, experiment)
+    return [lay.attack(d, a, "metrics") for d in e["decoder"] for a in e["attacks"]]
+
+
+def attack_rocs(experiment):
+    e = EXPERIMENTS[experiment]
+    lay = Layout(RESULTS, experiment)
+    return [lay.attack(d, a, "roc") for d in e["decoder"] for a in e["attacks"]]
 
 
 def final_outputs():
     outputs = [f"{RESULTS}/summary.parquet"]
-    outputs += [f"{RESULTS}/ablations/{name}.png" for name in config["ablations"]]
+    ablations = {
+        e["ablation"]["name"] for e in EXPERIMENTS.values() if e.get("ablation")
+    }
+    outputs += [f"{RESULTS}/ablations/{name}.png" for name in sorted(ablations)]
     for experiment, e in EXPERIMENTS.items():
-        outputs += [
-            f"{RESULTS}/{experiment}/metrics.json",
-            f"{RESULTS}/{experiment}/roc.png",
-        ]
-        outputs += [
-            f"{RESULTS}/{experiment}/figures/reconstructions-{decoder}.png"
-            for decoder in e["decoder"]
-        ]
+        root = Layout(RESULTS, experiment).root
+        outputs += [f"{root}/metrics.json", f"{root}/roc.png"]
+        outputs += [f"{root}/figures/reconstructions-{d}.png" for d in e["decoder"]]
     return outputs

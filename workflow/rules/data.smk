@@ -1,41 +1,73 @@
-rule split:
+# The role split, one membership file per shadow model, and webdataset shards per role.
+# Their outputs depend only on the data and split settings: cached between workflows.
+
+
+rule manifest:
     input:
         assignment=split_assignment,
     output:
-        manifest=f"{EXP}/data/manifest.parquet",
-        membership=f"{EXP}/data/shadow_membership.parquet",
+        manifest=PATTERN.manifest,
     log:
-        f"{LOGS}/split.log",
-    benchmark:
-        f"{BENCH}/split.tsv"
+        f"{LOGS}/manifest.log",
+    cache: "omit-software"
+    priority: 30
     conda:
-        "../../envs/mimia.yaml"
+        ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        dataset=from_exp(lambda e, wc: section(e, "dataset", drop=["img_size"])),
+        split=from_exp(lambda e, wc: section(e, "split", drop=["shard_size"])),
+        seed=from_exp(lambda e, wc: e["seed"]),
+        # The source's file listing: adding, removing or replacing an image reruns the split.
+        source_fingerprint=from_exp(lambda e, wc: source_fingerprint(e["dataset"])),
+    script:
+        STAGE
+
+
+rule membership:
+    input:
+        manifest=PATTERN.manifest,
+    output:
+        membership=PATTERN.membership("{model}"),
+    log:
+        f"{LOGS}/membership/{{model}}.log",
+    priority: 30
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
-        runtime=30,
+        runtime=10,
     params:
-        exp=exp_sections("dataset", "split", "shadow"),
+        model=lambda wc: wc.model,
+        seed=from_exp(lambda e, wc: e["seed"]),
+        online=from_exp(lambda e, wc: e["shadow"]["online"]),
     script:
-        "../scripts/split.py"
+        STAGE
 
 
 rule shard:
     input:
-        manifest=rules.split.output.manifest,
+        manifest=PATTERN.manifest,
     output:
-        f"{EXP}/data/shards/{{role}}-{{shard}}.tar",
+        shard=PATTERN.shard("{role}", "{shard}"),
     log:
         f"{LOGS}/shards/{{role}}-{{shard}}.log",
-    benchmark:
-        f"{BENCH}/shards/{{role}}-{{shard}}.tsv"
+    cache: "omit-software"
+    priority: 30
     conda:
-        "../../envs/mimia.yaml"
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
     params:
-        exp=exp_sections("dataset", "split"),
+        dataset=from_exp(lambda e, wc: section(e, "dataset")),
+        shard_size=from_exp(lambda e, wc: e["split"]["shard_size"]),
+        role=lambda wc: wc.role,
+        index=lambda wc: int(wc.shard),
     script:
-        "../scripts/shard.py"
+        STAGE

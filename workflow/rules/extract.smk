@@ -1,99 +1,78 @@
+# Reconstruction errors under seeded masks, per (model, decoder, shard), and EncoderMI's view
+# embeddings. Params hold only what changes the numbers; batch size, workers and device come
+# from the experiment's `runtime` section, read by the job.
+
+
 rule extract:
     input:
         unpack(scoring_checkpoints),
-        shard=f"{EXP}/data/shards/{{role}}-{{shard}}.tar",
-        manifest=rules.split.output.manifest,
-        membership=rules.split.output.membership,
+        shard=PATTERN.shard("{role}", "{shard}"),
+        manifest=PATTERN.manifest,
     output:
-        f"{EXP}/errors/{{model}}/{{decoder}}/{{role}}-{{shard}}.parquet",
+        errors=PATTERN.errors("{model}", "{decoder}", "{role}", "{shard}"),
     log:
         f"{LOGS}/extract/{{model}}-{{decoder}}-{{role}}-{{shard}}.log",
     benchmark:
         f"{BENCH}/extract/{{model}}-{{decoder}}-{{role}}-{{shard}}.tsv"
     conda:
-        "../../envs/mimia.yaml"
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=config["gpu"],
     params:
-        exp=exp_sections("pretrain", "extract"),
+        model=lambda wc: wc.model,
+        decoder=lambda wc: wc.decoder,
+        seed=from_exp(lambda e, wc: e["seed"]),
+        mask_ratios=from_exp(lambda e, wc: e["extract"]["mask_ratios"]),
+        num_masks=from_exp(lambda e, wc: e["extract"]["num_masks"]),
     script:
-        "../scripts/extract.py"
+        STAGE
 
 
 rule collect_errors:
     input:
-        lambda wc: error_files(wc.experiment),
+        tables=lambda wc: error_files(wc.experiment),
     output:
-        f"{EXP}/errors.parquet",
+        errors=PATTERN.all_errors,
     log:
         f"{LOGS}/collect_errors.log",
     benchmark:
         f"{BENCH}/collect_errors.tsv"
     conda:
-        "../../envs/mimia.yaml"
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
     script:
-        "../scripts/collect_errors.py"
-
-
-rule reconstructions:
-    input:
-        unpack(scoring_checkpoints),
-        members=lambda wc: shard_files(wc.experiment, "target_member")[0],
-        nonmembers=lambda wc: shard_files(wc.experiment, "target_nonmember")[0],
-    output:
-        report(
-            f"{EXP}/figures/reconstructions-{{decoder}}.png",
-            caption="../report/reconstructions.rst",
-            category="{experiment}",
-            subcategory="Reconstructions",
-            labels={"decoder": "{decoder}"},
-        ),
-    log:
-        f"{LOGS}/reconstructions-{{decoder}}.log",
-    benchmark:
-        f"{BENCH}/reconstructions-{{decoder}}.tsv"
-    conda:
-        "../../envs/mimia.yaml"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    params:
-        exp=exp_sections("pretrain", "extract"),
-        model="target",
-    script:
-        "../scripts/reconstructions.py"
+        STAGE
 
 
 rule embed:
     input:
-        weights=lambda wc: model_weights(wc.experiment, wc.model),
-        shards=lambda wc: [
-            f for role in ROLES for f in shard_files(wc.experiment, role)
-        ],
-        manifest=rules.split.output.manifest,
-        membership=rules.split.output.membership,
+        checkpoint=lambda wc: (
+            target_weights(wc.experiment)
+            if wc.model == "target"
+            else layout(wc).weights(wc.model)
+        ),
+        shards=lambda wc: shard_files(wc.experiment, ROLES),
+        manifest=PATTERN.manifest,
     output:
-        f"{EXP}/embeddings/{{model}}.parquet",
+        embeddings=PATTERN.embeddings("{model}"),
     log:
         f"{LOGS}/embed/{{model}}.log",
     benchmark:
         f"{BENCH}/embed/{{model}}.tsv"
     conda:
-        "../../envs/mimia.yaml"
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=config["gpu"],
     params:
-        exp=exp_sections("extract", "embed"),
+        model=lambda wc: wc.model,
+        seed=from_exp(lambda e, wc: e["seed"]),
+        num_views=from_exp(lambda e, wc: e["embed"]["num_views"]),
     script:
-        "../scripts/embed.py"
+        STAGE

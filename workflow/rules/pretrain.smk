@@ -1,70 +1,86 @@
+# The target and shadow models, an imported target, and the adapted decoder: the long chain
+# of a run (high priority, so it starts before cheap jobs that can wait) and the outputs worth
+# reusing between workflows (cached: weights, sidecar and training log under one prefix).
+
+
 rule pretrain:
     input:
-        manifest=rules.split.output.manifest,
-        membership=rules.split.output.membership,
-        shards=pretrain_shards,
+        unpack(pretrain_inputs),
     output:
-        weights=f"{EXP}/models/{{model}}/model.safetensors",
-        sidecar=f"{EXP}/models/{{model}}/model.json",
-        train_log=f"{EXP}/models/{{model}}/train_log.parquet",
+        multiext(
+            f"{EXP}/models/{{model}}/model",
+            weights=".safetensors",
+            sidecar=".json",
+            train_log=".train_log.parquet",
+        ),
     log:
         f"{LOGS}/pretrain/{{model}}.log",
-    benchmark:
-        f"{BENCH}/pretrain/{{model}}.tsv"
+    cache: "omit-software"
+    priority: 20
     conda:
-        "../../envs/mimia.yaml"
+        ENV
     threads: 1
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=config["gpu"],
     params:
-        exp=exp_sections("dataset", "model", "pretrain"),
+        model=lambda wc: wc.model,
+        spec=from_exp(lambda e, wc: model_spec(e).to_dict()),
+        train=from_exp(lambda e, wc: section(e, "pretrain")),
+        seed=from_exp(lambda e, wc: e["seed"]),
     script:
-        "../scripts/pretrain.py"
+        STAGE
 
 
 rule import_target:
     input:
-        checkpoint=lambda wc: exp(wc)["target"]["checkpoint"],
+        checkpoint=lambda wc: EXPERIMENTS[wc.experiment]["target"]["checkpoint"],
     output:
-        weights=f"{EXP}/models/target-imported/model.safetensors",
-        sidecar=f"{EXP}/models/target-imported/model.json",
+        multiext(
+            f"{EXP}/models/target-imported/model",
+            weights=".safetensors",
+            sidecar=".json",
+        ),
     log:
         f"{LOGS}/pretrain/import_target.log",
-    benchmark:
-        f"{BENCH}/pretrain/import_target.tsv"
+    cache: "omit-software"
+    priority: 40
     conda:
-        "../../envs/mimia.yaml"
+        ENV
     threads: 1
     resources:
         mem_mb=8000,
         runtime=30,
     params:
-        exp=exp_sections("dataset", "model", "target", "decoder"),
+        format=from_exp(lambda e, wc: e["target"]["format"]),
+        spec=from_exp(lambda e, wc: model_spec(e).to_dict()),
+        needs_decoder=from_exp(lambda e, wc: "released" in e["decoder"]),
     script:
-        "../scripts/import_target.py"
+        STAGE
 
 
 rule adapt_decoder:
     input:
         unpack(adapt_inputs),
     output:
-        weights=f"{EXP}/models/target-adapted/model.safetensors",
-        sidecar=f"{EXP}/models/target-adapted/model.json",
-        train_log=f"{EXP}/models/target-adapted/train_log.parquet",
+        multiext(
+            f"{EXP}/models/target-adapted/model",
+            weights=".safetensors",
+            sidecar=".json",
+            train_log=".train_log.parquet",
+        ),
     log:
         f"{LOGS}/pretrain/adapt_decoder.log",
-    benchmark:
-        f"{BENCH}/pretrain/adapt_decoder.tsv"
+    cache: "omit-software"
+    priority: 10
     conda:
-        "../../envs/mimia.yaml"
+        ENV
     threads: 1
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=config["gpu"],
     params:
-        exp=exp_sections("adapt"),
+        train=from_exp(lambda e, wc: section(e, "adapt")),
+        seed=from_exp(lambda e, wc: e["seed"]),
     script:
-        "../scripts/adapt_decoder.py"
+        STAGE

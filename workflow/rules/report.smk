@@ -1,32 +1,69 @@
+# Per-experiment metrics and figures, the cross-experiment summary and ablation plots. What a
+# figure shows comes from its inputs' metadata (decoder, attack), never from file names.
+
+
+rule reconstructions:
+    input:
+        unpack(scoring_checkpoints),
+        members=lambda wc: shard_files(wc.experiment, ["target_member"])[0],
+        nonmembers=lambda wc: shard_files(wc.experiment, ["target_nonmember"])[0],
+    output:
+        figure=report(
+            f"{EXP}/figures/reconstructions-{{decoder}}.png",
+            caption="../report/reconstructions.rst",
+            category="{experiment}",
+            subcategory="Reconstructions",
+            labels={"decoder": "{decoder}"},
+        ),
+    log:
+        f"{LOGS}/reconstructions-{{decoder}}.log",
+    benchmark:
+        f"{BENCH}/reconstructions-{{decoder}}.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        decoder=lambda wc: wc.decoder,
+        seed=from_exp(lambda e, wc: e["seed"]),
+        mask_ratio=from_exp(lambda e, wc: e["extract"]["mask_ratios"][0]),
+        grid_samples=from_exp(lambda e, wc: e["extract"]["grid_samples"]),
+    script:
+        STAGE
+
+
 rule experiment_metrics:
     input:
         metrics=lambda wc: attack_metrics(wc.experiment),
     output:
-        json=f"{EXP}/metrics.json",
+        record=f"{EXP}/metrics.json",
         table=f"{EXP}/metrics.parquet",
     log:
         f"{LOGS}/experiment_metrics.log",
     benchmark:
         f"{BENCH}/experiment_metrics.tsv"
     conda:
-        "../../envs/mimia.yaml"
+        ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
     params:
-        exp=exp_sections("ablation"),
+        experiment=lambda wc: wc.experiment,
+        seed=from_exp(lambda e, wc: e["seed"]),
+        ablation=from_exp(lambda e, wc: e.get("ablation")),
     script:
-        "../scripts/experiment_metrics.py"
+        STAGE
 
 
 rule figures:
     input:
-        errors=rules.collect_errors.output[0],
+        errors=PATTERN.all_errors,
+        manifest=PATTERN.manifest,
         metrics=rules.experiment_metrics.output.table,
-        rocs=lambda wc: [
-            p.replace(".json", "-roc.parquet") for p in attack_metrics(wc.experiment)
-        ],
+        rocs=lambda wc: attack_rocs(wc.experiment),
     output:
         roc=report(
             f"{EXP}/roc.png",
@@ -51,18 +88,20 @@ rule figures:
     benchmark:
         f"{BENCH}/figures.tsv"
     conda:
-        "../../envs/mimia.yaml"
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        experiment=lambda wc: wc.experiment,
     script:
-        "../scripts/figures.py"
+        STAGE
 
 
 rule summary:
     input:
-        expand(f"{RESULTS}/{{experiment}}/metrics.parquet", experiment=EXPERIMENTS),
+        tables=expand(f"{EXP}/metrics.parquet", experiment=EXPERIMENTS),
     output:
         parquet=f"{RESULTS}/summary.parquet",
         csv=report(
@@ -76,20 +115,20 @@ rule summary:
     benchmark:
         f"{RESULTS}/benchmarks/summary.tsv"
     conda:
-        "../../envs/mimia.yaml"
+        ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
     script:
-        "../scripts/summary.py"
+        STAGE
 
 
 rule ablation_plot:
     input:
-        rules.summary.output.parquet,
+        summary=rules.summary.output.parquet,
     output:
-        report(
+        figure=report(
             f"{RESULTS}/ablations/{{ablation}}.png",
             caption="../report/ablation.rst",
             category="Ablations",
@@ -100,10 +139,12 @@ rule ablation_plot:
     benchmark:
         f"{RESULTS}/benchmarks/ablations/{{ablation}}.tsv"
     conda:
-        "../../envs/mimia.yaml"
+        ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        ablation=lambda wc: wc.ablation,
     script:
-        "../scripts/ablation_plot.py"
+        STAGE

@@ -37,3 +37,19 @@ __all__ = [
     "observations_from_errors",
     "register",
 ]
+
+
+def validate_entry(name, entry, mask_ratios):
+    kind = (entry or {}).get("attack", name)
+    if kind not in ATTACKS:
+        raise ValueError(f"attacks.{name}: unknown attack {kind!r}; known: {sorted(ATTACKS)}")
+    params = {k: v for k, v in (entry or {}).items() if k != "attack"}
+    return kind, params
+
+
+def requires_embeddings(kind):
+    return ATTACKS[kind].requires_embeddings
+
+
+def needs_online_references(kind, params):
+    return params.get("mode") == "online"

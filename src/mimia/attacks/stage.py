@@ -16,24 +16,51 @@ from mimia.provenance import provenance, read_metadata, write_parquet
 
 
 def attack_stage(
-    exp: dict,
-    decoder: str,
-    attack_name: str,
-    errors_path: str | Path,
-    membership_path: str | Path,
-    out_scores: str | Path,
-    out_roc: str | Path,
-    out_metrics: str | Path,
-    embeddings: list[str | Path] | None = None,
+    *,
+    errors,
+    manifest,
+    membership,
+    scores,
+    roc,
+    metrics,
+    decoder,
+    attack,
+    params,
+    metrics_config,
+    seed,
+    embeddings=(),
 ) -> dict:
+    errors_path, out_scores, out_roc, out_metrics, attack_name = (
+        errors,
+        scores,
+        roc,
+        metrics,
+        attack,
+    )
+    roles = pl.read_parquet(manifest).select("sample_id", "role")
+    mem = pl.concat([pl.read_parquet(p) for p in membership])
+    shadow_count = mem["model"].n_unique()
+    exp = {
+        "shadow": {"count": shadow_count},
+        "attacks": {attack: params},
+        "seed": seed,
+        "metrics": metrics_config,
+    }
+    table = pl.read_parquet(errors).join(roles, on="sample_id")
+    table = table.join(mem.rename({"is_in": "_in"}), on=["sample_id", "model"], how="left")
+    table = table.with_columns(
+        is_member=pl.when(pl.col("model") == "target")
+        .then(pl.col("role") == "target_member")
+        .otherwise(pl.col("_in").fill_null(False))
+    ).drop("_in")
     """Fit ``attack_name`` on shadow0 (adversary data), score the target under ``decoder``.
 
     The shadow observations are shadow0's errors on the adversary's images with shadow1..N-1
     as reference models; the target observations are the target's errors on the target roles
     with every shadow model as a reference. Target labels are used only for evaluation.
     """
-    errors = pl.read_parquet(errors_path)
-    membership = pl.read_parquet(membership_path)
+    errors = table
+    membership = mem
     shadows = [f"shadow{i}" for i in range(exp["shadow"]["count"])]
     shadow_obs = observations_from_errors(
         errors.filter(pl.col("role").is_in(SHADOW_ROLES)),

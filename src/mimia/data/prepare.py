@@ -6,7 +6,6 @@ from pathlib import Path
 
 import polars as pl
 
-from mimia.data.shards import write_tar_shard
 from mimia.data.sources import load_source
 from mimia.data.splits import (
     ROLES,
@@ -16,47 +15,53 @@ from mimia.data.splits import (
     shadow_membership,
     split_roles,
 )
-from mimia.provenance import provenance, write_parquet
+from mimia.layout import shadow_index
+from mimia.provenance import provenance, read_metadata, write_parquet
 
 
-def write_split(exp: dict, manifest_path: str | Path, membership_path: str | Path) -> pl.DataFrame:
-    source = load_source(exp["dataset"])
-    sizes = {role: exp["split"][role] for role in ROLES}
-    if exp["split"].get("assignment"):
-        assignment = read_assignment(exp["split"]["assignment"])
-        manifest = assigned_roles(assignment, source.keys, exp["dataset"]["name"], source.labels)
+def write_manifest(*, dataset: dict, split: dict, seed: int, manifest) -> pl.DataFrame:
+    """The seeded (or given) role split of ``dataset``, as a Parquet manifest."""
+    source = load_source(dataset)
+    sizes = {role: split[role] for role in ROLES}
+    if split.get("assignment"):
+        assignment = read_assignment(split["assignment"])
+        rows = assigned_roles(assignment, source.keys, dataset["name"], source.labels)
     else:
-        manifest = split_roles(
+        rows = split_roles(
             len(source),
             sizes,
-            exp["seed"],
-            exp["dataset"]["name"],
+            seed,
+            dataset["name"],
             source.labels,
-            shadow_classes=exp["split"].get("shadow_classes"),
+            shadow_classes=split.get("shadow_classes"),
         )
-    meta = provenance(
-        seed=exp["seed"], manifest_sha256=manifest_hash(manifest), dataset=exp["dataset"]["name"]
-    )
-    write_parquet(manifest, manifest_path, meta)
-    membership = shadow_membership(
-        manifest, exp["shadow"]["count"], exp["seed"], exp["shadow"]["online"]
-    )
-    write_parquet(membership, membership_path, meta)
-    return manifest
+    meta = provenance(seed=seed, manifest_sha256=manifest_hash(rows), dataset=dataset["name"])
+    write_parquet(rows, manifest, meta)
+    return rows
 
 
-def write_shard(
-    exp: dict, manifest_path: str | Path, role: str, index: int, out: str | Path
-) -> None:
+def write_membership(*, manifest, model: str, online: bool, seed: int, membership) -> pl.DataFrame:
+    """Which adversary images train shadow model ``model``: ``sample_id, model, is_in``."""
+    rows = pl.read_parquet(manifest)
+    index = shadow_index(model)
+    table = shadow_membership(rows, index + 1, seed, online).filter(pl.col("model") == model)
+    meta = provenance(seed=seed, manifest_sha256=read_metadata(manifest)["manifest_sha256"])
+    write_parquet(table, membership, meta)
+    return table
+
+
+def write_shard(*, dataset: dict, shard_size: int, manifest, role: str, index: int, shard) -> None:
     """Write shard ``index`` of ``role``: rows ``[index * shard_size, (index + 1) * shard_size)``
     of the role's manifest rows in sample-id order."""
-    size = exp["split"]["shard_size"]
+    size = shard_size
     rows = (
-        pl.read_parquet(manifest_path)
+        pl.read_parquet(manifest)
         .filter(pl.col("role") == role)
         .sort("sample_id")
         .slice(index * size, size)
     )
+    from mimia.data.shards import write_tar_shard
+
     if rows.is_empty():
         raise ValueError(f"shard {index} of role {role!r} would be empty (shard_size {size})")
-    write_tar_shard(rows, load_source(exp["dataset"]), exp["dataset"]["img_size"], Path(out))
+    write_tar_shard(rows, load_source(dataset), dataset["img_size"], Path(shard))

@@ -135,3 +135,19 @@ def _webdataset(urls: str | list[str] | None) -> ImageSource:
     return ImageSource(
         "webdataset", labels, lambda i: Image.open(io.BytesIO(samples[keys[i]][0])), keys
     )
+
+
+def source_fingerprint(cfg: dict[str, Any]) -> str:
+    """A cheap fingerprint of what the source holds (its file listing)."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256(cfg["name"].encode())
+    root = cfg.get("path")
+    if root and Path(root).exists():
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                st = os.stat(os.path.join(dirpath, name))
+                h.update(f"{dirpath}/{name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()

@@ -660,28 +660,3 @@ def _check_same_architecture(found: ModelSpec, given: ModelSpec, exclude: Iterab
     ]
     if diff:
         raise ValueError("the given spec disagrees with the checkpoint: " + "; ".join(diff))
-
-
-def import_stage(exp: dict, checkpoint: str | Path, weights_path: str | Path) -> dict[str, Any]:
-    """Import the released target named in the config into mimia's checkpoint format.
-
-    ``timm`` and ``mae`` weights take their architecture from the config's ``model`` section
-    (so the shadow models, built from the same section, can lend the target their decoder);
-    ``hf`` and ``mimia`` checkpoints carry their own.
-    """
-    from mimia.config import model_spec
-
-    fmt = exp["target"]["format"]
-    spec = model_spec(exp) if fmt in ("timm", "mae") else None
-    model, info = import_checkpoint(checkpoint, fmt, spec)
-    if "released" in exp.get("decoder", ()) and not info["decoder_released"]:
-        raise ValueError(
-            f"target checkpoint {checkpoint} has no decoder, so decoder mode 'released' cannot "
-            f"run; use decoder: [shadow, adapted]"
-        )
-    save_model(
-        model,
-        weights_path,
-        {"model": "target", "imported": info, "decoder_released": info["decoder_released"]},
-    )
-    return info

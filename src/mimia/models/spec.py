@@ -86,3 +86,25 @@ class ModelSpec:
             if key in d:
                 d[key] = tuple(float(v) for v in d[key])
         return cls(**d)
+
+
+def spec_differences(a: ModelSpec, b: ModelSpec, ignore=()) -> list[str]:
+    """``field: a vs b`` for every field in which two specs differ."""
+    return [
+        f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
+        for f in dataclasses.fields(ModelSpec)
+        if f.name not in ignore and getattr(a, f.name) != getattr(b, f.name)
+    ]
+
+
+def declared_spec(path, format: str) -> ModelSpec | None:
+    """The architecture a checkpoint declares without reading its weights (None: timm/mae)."""
+    import json
+    from pathlib import Path
+
+    if format != "mimia":
+        return None
+    sidecar = Path(path).with_suffix(".json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"checkpoint sidecar {sidecar} is missing (beside {path})")
+    return ModelSpec.from_dict(json.loads(sidecar.read_text())["spec"])

@@ -48,12 +48,10 @@ def reconstruction_grid(model, images: torch.Tensor, sample_ids, titles, seed, m
     _save(fig, out)
 
 
-def reconstruction_stage(exp, decoder, checkpoints, member_shard, nonmember_shard, out):
+def reconstruction_figure(model, member_shard, nonmember_shard, n, seed, mask_ratio, out):
+    """The reconstruction grid of the first ``n`` images of a member and a non-member shard."""
     from mimia.data.shards import iter_shards
-    from mimia.extract import scoring_model
 
-    n = exp["extract"]["grid_samples"]
-    model = scoring_model(decoder, checkpoints)
     picked = []
     for shard, title in ((member_shard, "member"), (nonmember_shard, "non-member")):
         for k, (sid, img, _) in enumerate(iter_shards([shard])):
@@ -61,15 +59,7 @@ def reconstruction_stage(exp, decoder, checkpoints, member_shard, nonmember_shar
                 break
             picked.append((sid, img, title))
     ids, imgs, titles = zip(*picked, strict=True)
-    reconstruction_grid(
-        model,
-        torch.stack(imgs),
-        list(ids),
-        titles,
-        exp["seed"],
-        exp["extract"]["mask_ratios"][0],
-        out,
-    )
+    reconstruction_grid(model, torch.stack(imgs), list(ids), titles, seed, mask_ratio, out)
 
 
 def roc_figure(rocs: dict[tuple[str, str], pl.DataFrame], aucs: dict, out, title: str = ""):
@@ -200,16 +190,27 @@ def _save(fig, out) -> None:
     plt.close(fig)
 
 
+def target_errors(errors_path, manifest_path) -> pl.DataFrame:
+    """The target's error rows with ``is_member`` joined from the manifest's roles."""
+    roles = pl.read_parquet(manifest_path).select(
+        "sample_id", (pl.col("role") == "target_member").alias("is_member")
+    )
+    rows = pl.read_parquet(errors_path).filter(pl.col("model") == "target")
+    return rows.join(roles, on="sample_id", how="left", validate="m:1")
+
+
 def experiment_figures(
-    experiment, errors_path, metrics_path, roc_paths, out_roc, out_hist, out_ratio
+    experiment, errors_path, manifest_path, metrics_path, roc_paths, out_roc, out_hist, out_ratio
 ):
+    from mimia.provenance import read_metadata
+
     metrics = pl.read_parquet(metrics_path)
     aucs = {(r["decoder"], r["attack"]): r["auc"] for r in metrics.iter_rows(named=True)}
     rocs = {}
     for path in roc_paths:
-        decoder, attack = Path(path).parent.name, Path(path).name.removesuffix("-roc.parquet")
-        rocs[(decoder, attack)] = pl.read_parquet(path)
+        meta = read_metadata(path)
+        rocs[(meta["decoder"], meta["attack"])] = pl.read_parquet(path)
     roc_figure(rocs, aucs, out_roc, title=experiment)
-    errors = pl.read_parquet(errors_path)
+    errors = target_errors(errors_path, manifest_path)
     error_histograms(errors, out_hist, title=experiment)
     error_vs_mask_ratio(errors, out_ratio, title=experiment)

@@ -14,12 +14,16 @@ HEADLINE = ["auc", "tpr_at_fpr_0.001", "tpr_at_fpr_0.01", "tpr_at_fpr_0.1", "bal
 
 
 def experiment_metrics(
-    experiment: str, exp: dict, metric_files: Sequence[str | Path], out_json, out_parquet
+    experiment: str,
+    seed: int,
+    ablation: dict | None,
+    metric_files: Sequence[str | Path],
+    out_json,
+    out_parquet,
 ) -> pl.DataFrame:
     """Gather every (decoder, attack) metrics file of an experiment into one table."""
     rows = [json.loads(Path(p).read_text()) for p in metric_files]
     df = pl.DataFrame(rows).with_columns(pl.lit(experiment).alias("experiment"))
-    ablation = exp.get("ablation")
     if ablation:
         df = df.with_columns(
             ablation_name=pl.lit(ablation["name"]),
@@ -31,19 +35,17 @@ def experiment_metrics(
     meta = read_metadata(Path(metric_files[0]).with_suffix(".parquet"))
     info = {
         "experiment": experiment,
-        "seed": exp["seed"],
+        "seed": seed,
         "manifest_sha256": meta.get("manifest_sha256"),
         "mimia_version": meta.get("mimia_version"),
-        "ablation": exp.get("ablation"),
+        "ablation": ablation,
         "results": rows,
     }
     Path(out_json).write_text(json.dumps(info, indent=2))
     write_parquet(
         df,
         out_parquet,
-        provenance(
-            seed=exp["seed"], experiment=experiment, manifest_sha256=info["manifest_sha256"]
-        ),
+        provenance(seed=seed, experiment=experiment, manifest_sha256=info["manifest_sha256"]),
     )
     return df
 
