@@ -1,14 +1,20 @@
-"""Attacks on synthetic reconstruction errors drawn from a known model, and the pivot from the
-long extraction table."""
+"""Attacks on synthetic reconstruction errors drawn from a known model, and the builder from
+the pipeline's tables (error table, manifest, shadow membership) to the attacks' X and y.
+
+``make_world`` is shared with the other ``test_attack_*.py`` files.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
 import pytest
 
 from mimia.attacks import (
-    ATTACKS,
     RMIA,
     ClassifierAttack,
     EncoderMI,
@@ -16,15 +22,22 @@ from mimia.attacks import (
     LiRA,
     Observations,
     RandomGuess,
-    ThresholdAttack,
     build_attack,
-    observations_from_errors,
 )
 from mimia.attacks.classifier import sorted_error_features
+from mimia.attacks.inputs import build_inputs, observations, shadow_models
 from mimia.metrics import auc, balanced_accuracy, tpr_at_fpr
+from mimia.provenance import write_parquet
 
 ROLES = ("target_member", "target_nonmember", "shadow_member", "shadow_nonmember")
 DECODER_OFFSET = {"released": 0.0, "shadow": 0.4, "adapted": 0.2}
+
+
+class World(NamedTuple):
+    errors: pl.DataFrame
+    manifest: pl.DataFrame
+    membership: pl.DataFrame
+    embeddings: pl.DataFrame
 
 
 def make_world(
@@ -37,8 +50,9 @@ def make_world(
     delta: float = 0.3,
     model_noise: float = 0.12,
     online: bool = False,
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """A long error table and the shadow membership table, from a known generative model.
+    views: int = 5,
+) -> World:
+    """The pipeline's tables, from a known generative model.
 
     ``log error(model m, sample x, ratio r, mask k) = log base_r + d_x + c_m + eta_{m,x}
     + eps_{x,r,k} + nu_{m,x,r,k} - delta * [x trained m]`` with per-sample difficulty
@@ -47,6 +61,8 @@ def make_world(
     ``eps`` shared by every model (same masks) and small per-model mask noise ``nu``.
     shadow0 trains on shadow_member; shadow1.. on random halves of the adversary's pool
     (plus the target samples when ``online``), as ``mimia.data.splits.shadow_membership``.
+    Embedding similarities of ``views`` views are 0.1 higher for members of target/shadow0.
+    The error table has no role or label columns, as extraction writes it.
     """
     rng = np.random.default_rng(seed)
     ids = np.array([f"s{i:05d}" for i in range(4 * n)])
@@ -75,8 +91,6 @@ def make_world(
             pl.DataFrame(
                 {
                     "sample_id": np.repeat(ids[x], shape[1] * shape[2]),
-                    "role": np.repeat(role[x], shape[1] * shape[2]),
-                    "is_member": np.repeat(member, shape[1] * shape[2]),
                     "model": model,
                     "decoder": decoder,
                     "mask_ratio": np.tile(np.repeat(ratios, shape[2]), len(x)),
@@ -103,65 +117,96 @@ def make_world(
         )
         for m in range(num_shadow)
     )
-    return pl.concat(frames), membership
-
-
-def split_world(df, membership, decoder="shadow", num_shadow=5):
-    """(shadow, target) observations as the pipeline builds them."""
-    refs = [f"shadow{m}" for m in range(1, num_shadow)]
-    shadow = observations_from_errors(
-        df, "shadow0", "released", refs, membership, roles=("shadow_member", "shadow_nonmember")
+    manifest = pl.DataFrame(
+        {
+            "sample_id": ids,
+            "source_index": np.arange(len(ids)),
+            "label": np.arange(len(ids)) % 10,
+            "role": role,
+        }
     )
-    target = observations_from_errors(df, "target", decoder, refs, membership)
-    return shadow, target
+    sims = []
+    for model in ("target", "shadow0"):
+        x = np.flatnonzero(target_rows if model == "target" else np.isin(role, ROLES[2:]))
+        level = rng.normal(0.6, 0.08, len(x)) + 0.1 * members[model][x]
+        pairs = views * (views - 1) // 2
+        s = np.clip(level[:, None] + rng.normal(0, 0.1, (len(x), pairs)), -1, 1)
+        sims.append(pl.DataFrame({"sample_id": ids[x], "model": model, "similarities": s}))
+    return World(pl.concat(frames), manifest, membership, pl.concat(sims))
+
+
+def write_world(world: World, folder: Path, manifest_sha256: str = "split-a") -> dict:
+    """The world as the pipeline's files; the stage's input paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"manifest_sha256": manifest_sha256}
+    write_parquet(world.errors, folder / "errors.parquet", meta)
+    write_parquet(world.manifest, folder / "manifest.parquet", meta)
+    membership = []
+    for (model,), table in world.membership.group_by("model", maintain_order=True):
+        membership.append(folder / f"membership-{model}.parquet")
+        write_parquet(table, membership[-1], meta)
+    write_parquet(world.embeddings, folder / "embeddings.parquet", meta)
+    return {
+        "errors": folder / "errors.parquet",
+        "manifest": folder / "manifest.parquet",
+        "membership": membership,
+        "embeddings": [folder / "embeddings.parquet"],
+    }
+
+
+def inputs(world: World, decoder: str = "shadow", needs=("errors", "references", "similarities")):
+    return build_inputs(
+        world.errors, world.manifest, world.membership, decoder, needs, world.embeddings
+    )
 
 
 @pytest.fixture(scope="module")
 def hard_world():
     """Strong per-sample difficulty (sd 1) next to a small membership gap (0.3)."""
-    return split_world(*make_world(seed=0, difficulty=1.0))
+    return inputs(make_world(seed=0, difficulty=1.0))
 
 
 @pytest.fixture(scope="module")
 def easy_world():
     """Weak per-sample difficulty (sd 0.3): a global threshold works."""
-    return split_world(*make_world(seed=1, difficulty=0.3))
+    return inputs(make_world(seed=1, difficulty=0.3))
 
 
-def fitted_scores(name, shadow, target, **params):
-    attack = build_attack(name, **params).fit(shadow)
-    return attack, attack.score(target)
+def fitted_scores(name, data, **params):
+    attack = build_attack(name, **params).fit(data.X_fit, data.y_fit)
+    return attack, attack.score_samples(data.X_audit)
 
 
-# ---------------------------------------------------------------- observations_from_errors
+# ---------------------------------------------------------------- the builder
 
 
-def small_table():
-    """3 samples (listed out of order), 2 ratios, 2 masks; target + 2 reference models."""
+def small_tables():
+    """2 target + 2 shadow samples (listed out of order), 2 ratios, 2 masks; target under two
+    decoders, shadow0..2 under their own. Error = model * 1000 + decoder * 100 + sample * 10 +
+    ratio * 5 + mask, so every cell says where it came from."""
+    samples = {"b": "target_member", "a": "target_nonmember", "d": "shadow_member"}
+    samples["c"] = "shadow_nonmember"
     rows = []
-    for model, decoder, member in [
-        ("target", "shadow", {"b": True, "a": False, "c": True}),
-        ("target", "released", {"b": True, "a": False, "c": True}),
-        ("shadow1", "released", {"b": False, "a": True, "c": False}),
-        ("shadow2", "released", {"b": False, "a": False, "c": True}),
-    ]:
-        for sid in ("b", "a", "c"):
+    models = [("target", "shadow"), ("target", "released")]
+    models += [(f"shadow{i}", "released") for i in range(3)]
+    for model, decoder in models:
+        for sid, role in samples.items():
+            if model == "target" and role.startswith("shadow"):
+                continue
             for ratio in (0.75, 0.5):
                 for k in (1, 0):
                     err = (
-                        {"target": 1, "shadow1": 2, "shadow2": 3}[model] * 1000
+                        {"target": 1, "shadow0": 2, "shadow1": 3, "shadow2": 4}[model] * 1000
                         + (decoder == "released") * 100
-                        + {"a": 10, "b": 20, "c": 30}[sid]
+                        + {"a": 10, "b": 20, "c": 30, "d": 40}[sid]
                         + (ratio == 0.75) * 5
                         + k
                     )
-                    rows.append((sid, f"r{sid}", member[sid], model, decoder, ratio, k, err))
-    return pl.DataFrame(
+                    rows.append((sid, model, decoder, ratio, k, err))
+    errors = pl.DataFrame(
         rows,
         schema={
             "sample_id": pl.String,
-            "role": pl.String,
-            "is_member": pl.Boolean,
             "model": pl.String,
             "decoder": pl.String,
             "mask_ratio": pl.Float32,
@@ -170,81 +215,150 @@ def small_table():
         },
         orient="row",
     )
-
-
-def test_observations_from_errors_round_trip():
-    df = small_table()
+    manifest = pl.DataFrame({"sample_id": list(samples), "role": list(samples.values())})
     membership = pl.DataFrame(
         {
-            "sample_id": ["a", "b", "c", "c", "zzz"],
-            "model": ["shadow1", "shadow1", "shadow1", "shadow2", "shadow2"],
-            "is_in": [True, False, False, True, True],
+            "sample_id": ["d", "c", "c", "a", "d"],
+            "model": ["shadow0", "shadow0", "shadow1", "shadow1", "shadow2"],
+            "is_in": [True, False, True, True, True],
         }
     )
-    obs = observations_from_errors(df, "target", "shadow", ["shadow1", "shadow2"], membership)
-    assert obs.sample_ids.tolist() == ["a", "b", "c"]
-    assert obs.mask_ratios == (0.5, 0.75)
-    assert obs.errors.shape == (3, 2, 2)
-    np.testing.assert_array_equal(obs.errors[0], [[1010, 1011], [1015, 1016]])
-    np.testing.assert_array_equal(obs.errors[:, 1, 1], [1016, 1026, 1036])
-    np.testing.assert_array_equal(obs.labels, [False, True, True])
-    assert obs.reference_errors.shape == (2, 3, 2, 2)
-    # reference models are read with their own ("released") decoder
-    np.testing.assert_array_equal(obs.reference_errors[:, 2, 0, 1], [2131, 3131])
-    np.testing.assert_array_equal(obs.reference_in, [[True, False, False], [False, False, True]])
-    # without a membership table, reference_in is the reference rows' is_member
-    same = observations_from_errors(df, "target", "shadow", ["shadow1", "shadow2"])
-    np.testing.assert_array_equal(same.reference_in, obs.reference_in)
-    # roles select the audited rows (and so the samples)
-    sub = observations_from_errors(df, "target", "shadow", ["shadow1"], roles=["rb", "rc"])
-    assert sub.sample_ids.tolist() == ["b", "c"]
-    np.testing.assert_array_equal(sub.errors, obs.errors[1:])
-    np.testing.assert_array_equal(sub.reference_errors[0], obs.reference_errors[0, 1:])
-    released = observations_from_errors(df, "target", "released")
-    np.testing.assert_array_equal(released.errors - obs.errors, 100)
-    assert released.reference_errors is None and released.reference_in is None
+    return errors, manifest, membership
 
 
-def test_observations_from_errors_failures():
-    df = small_table()
-    hole = df.filter(
-        ~(
-            (pl.col("model") == "target")
-            & (pl.col("sample_id") == "b")
-            & (pl.col("mask_index") == 1)
-            & (pl.col("mask_ratio") == 0.5)
-            & (pl.col("decoder") == "shadow")
+def test_build_inputs_places_every_error():
+    errors, manifest, membership = small_tables()
+    data = build_inputs(errors, manifest, membership, "shadow")
+    fit, audit = data.X_fit, data.X_audit
+    # fit data: shadow0 on the adversary's samples, shadow1, shadow2 as references
+    assert fit.sample_ids.tolist() == ["c", "d"]
+    assert fit.mask_ratios == (0.5, 0.75)
+    np.testing.assert_array_equal(fit.errors[1], [[2140, 2141], [2145, 2146]])
+    np.testing.assert_array_equal(fit.reference_errors[:, 0, 1, 0], [3135, 4135])
+    np.testing.assert_array_equal(fit.reference_in, [[True, False], [False, True]])
+    np.testing.assert_array_equal(data.y_fit, [False, True])  # shadow0's membership
+    # audit data: the target under the audited decoder, every shadow model as a reference,
+    # read with its own decoder; a sample the membership table does not list is OUT
+    assert audit.sample_ids.tolist() == ["a", "b"]
+    np.testing.assert_array_equal(audit.errors[:, 1, 1], [1016, 1026])
+    assert audit.reference_errors.shape == (3, 2, 2, 2)
+    np.testing.assert_array_equal(audit.reference_errors[:, 1, 0, 1], [2121, 3121, 4121])
+    np.testing.assert_array_equal(audit.reference_in, [[False, False], [True, False], [False] * 2])
+    np.testing.assert_array_equal(data.y_audit, [False, True])  # from the manifest roles
+    assert data.audit_roles.tolist() == ["target_nonmember", "target_member"]
+    released = build_inputs(errors, manifest, membership, "released")
+    np.testing.assert_array_equal(released.X_audit.errors - audit.errors, 100)
+    # only the declared parts are built
+    assert data.X_audit.parts == {"errors", "references"}
+    bare = build_inputs(errors, manifest, membership, "shadow", needs=["errors"])
+    assert bare.X_audit.parts == {"errors"} and bare.X_audit.reference_errors is None
+    ids_only = build_inputs(None, manifest, membership, "shadow", needs=[])
+    assert ids_only.X_audit.parts == frozenset() and len(ids_only.X_audit) == 2
+
+
+def test_observations_carry_no_labels():
+    names = {f.name for f in dataclasses.fields(Observations)}
+    assert names == {
+        "sample_ids",
+        "errors",
+        "mask_ratios",
+        "reference_errors",
+        "reference_in",
+        "similarities",
+    }
+    with pytest.raises(TypeError):
+        Observations(["a"], np.ones((1, 1, 1)), (0.5,), labels=[True])
+
+
+def test_shadow_models_sort_numerically_and_are_checked():
+    table = pl.DataFrame(
+        {
+            "sample_id": ["x"] * 12,
+            "model": [f"shadow{i}" for i in (10, 2, 0, 1, 9, 11, 3, 4, 5, 6, 7, 8)],
+        }
+    ).with_columns(is_in=pl.lit(True))
+    assert shadow_models(table) == [f"shadow{i}" for i in range(12)]
+    with pytest.raises(ValueError, match=r"lists models \['target'\]"):
+        shadow_models(pl.concat([table, table.head(1).with_columns(model=pl.lit("target"))]))
+    with pytest.raises(ValueError, match="twice"):
+        shadow_models(pl.concat([table, table.head(1)]))
+    with pytest.raises(ValueError, match=r"1 samples not in the manifest, e.g. x"):
+        shadow_models(table, {"y"})
+    with pytest.raises(ValueError, match=r"lacks columns \['is_in'\]"):
+        shadow_models(table.drop("is_in"))
+
+
+def test_build_inputs_reads_references_in_numeric_order():
+    world = make_world(seed=3, n=20, num_shadow=12)
+    data = inputs(world, needs=["errors", "references"])
+    # shadow10 is the 11th reference model of the audit (shadow0..11), the 10th of the fit
+    for X, index, count in ((data.X_audit, 10, 12), (data.X_fit, 9, 11)):
+        ids = X.sample_ids.tolist()
+        rows = world.errors.filter(
+            (pl.col("model") == "shadow10") & (pl.col("mask_ratio") == 0.5)
+        ).filter(pl.col("mask_index") == 3)
+        by_id = dict(zip(rows["sample_id"], rows["error"], strict=True))
+        expected = np.array([by_id[s] for s in ids], dtype=np.float32)
+        np.testing.assert_array_equal(
+            X.reference_errors[index, :, 0, 3].astype(np.float32), expected
         )
-    )
+        assert X.num_references == count
+
+
+def test_build_inputs_failures():
+    errors, manifest, membership = small_tables()
+
+    def without(**match):
+        cond = pl.lit(True)
+        for col, value in match.items():
+            cond = cond & (pl.col(col) == value)
+        return errors.filter(~cond)
+
+    hole = without(model="target", sample_id="b", mask_index=1, mask_ratio=0.5, decoder="shadow")
     with pytest.raises(
         ValueError, match=r"lacks 1 \(sample, mask_ratio, mask_index\).*'b', 0.5, 1"
     ):
-        observations_from_errors(hole, "target", "shadow")
-    no_ref_sample = df.filter(~((pl.col("model") == "shadow2") & (pl.col("sample_id") == "c")))
-    with pytest.raises(ValueError, match=r"reference model 'shadow2'.*lacks 1 samples: c"):
-        observations_from_errors(no_ref_sample, "target", "shadow", ["shadow1", "shadow2"])
-    ref_hole = df.filter(
-        ~(
-            (pl.col("model") == "shadow1")
-            & (pl.col("mask_ratio") == 0.75)
-            & (pl.col("sample_id") == "a")
-        )
-    )
+        build_inputs(hole, manifest, membership, "shadow")
+    no_ref = without(model="shadow2", sample_id="a")
+    with pytest.raises(ValueError, match=r"reference model 'shadow2'.*lacks 1 samples: a"):
+        build_inputs(no_ref, manifest, membership, "shadow")
+    ref_hole = without(model="shadow1", mask_ratio=0.75, sample_id="d")
     with pytest.raises(ValueError, match=r"reference model 'shadow1'.*lacks 2"):
-        observations_from_errors(ref_hole, "target", "shadow", ["shadow1"])
-    with pytest.raises(ValueError, match="no rows for model='target', decoder='adapted'"):
-        observations_from_errors(df, "target", "adapted")
-    with pytest.raises(ValueError, match=r"'shadow9'.*no rows"):
-        observations_from_errors(df, "target", "shadow", ["shadow9"])
-    with pytest.raises(ValueError, match=r"no rows of roles \['x'\]; have \['ra', 'rb', 'rc'\]"):
-        observations_from_errors(df, "target", "shadow", roles=["x"])
+        build_inputs(ref_hole, manifest, membership, "shadow")
+    with pytest.raises(ValueError, match="no rows of model 'target' under decoder 'adapted'"):
+        build_inputs(errors, manifest, membership, "adapted")
     with pytest.raises(ValueError, match="duplicate"):
-        observations_from_errors(pl.concat([df, df.head(1)]), "target", "shadow")
-    wrong = pl.DataFrame({"sample_id": ["a"], "model": ["shadow1"], "is_in": [False]})
-    with pytest.raises(ValueError, match=r"disagrees.*e.g. a"):
-        observations_from_errors(df, "target", "shadow", ["shadow1"], wrong)
+        build_inputs(pl.concat([errors, errors.head(1)]), manifest, membership, "shadow")
+    with pytest.raises(ValueError, match=r"lacks columns \['error'\]"):
+        build_inputs(errors.drop("error"), manifest, membership, "shadow")
+    stranger = pl.concat([errors, errors.head(1).with_columns(sample_id=pl.lit("zz"))])
+    with pytest.raises(ValueError, match=r"error table has 1 samples not in the manifest, e.g. zz"):
+        build_inputs(stranger, manifest, membership, "shadow")
+    with pytest.raises(ValueError, match=r"not 'shadow0'"):
+        build_inputs(errors, manifest, membership.filter(pl.col("model") != "shadow0"), "shadow")
+    bad_role = manifest.with_columns(role=pl.lit("target_member"))
+    with pytest.raises(ValueError, match="no samples of roles"):
+        build_inputs(errors, bad_role, membership, "shadow")
+    typo = manifest.with_columns(pl.col("role").str.replace("shadow_member", "shadow_membr"))
+    with pytest.raises(ValueError, match=r"unknown roles \['shadow_membr'\]"):
+        build_inputs(errors, typo, membership, "shadow")
+    with pytest.raises(ValueError, match="need the embeddings table"):
+        build_inputs(errors, manifest, membership, "shadow", needs=["similarities"])
     with pytest.raises(ValueError, match="its own reference"):
-        observations_from_errors(df, "shadow1", "released", ["shadow1"])
+        observations(errors, "shadow1", "released", ["a"], ["shadow1"], membership)
+    with pytest.raises(ValueError, match="unknown input parts"):
+        build_inputs(errors, manifest, membership, "shadow", needs=["labels"])
+
+
+def test_online_membership_lists_target_samples():
+    world = make_world(seed=2, n=60, online=True)
+    data = inputs(world, needs=["errors", "references"])
+    assert 0.3 < data.X_audit.reference_in.mean() < 0.7
+    assert not data.X_audit.reference_in[0].any()  # shadow0 trains on shadow_member only
+    # offline attacks only read the OUT references and still run
+    for name in ("lira", "rmia"):
+        _, scores = fitted_scores(name, data)
+        assert auc(data.y_audit, scores) > 0.8, name
 
 
 def test_observations_validate_shapes():
@@ -255,209 +369,206 @@ def test_observations_validate_shapes():
         Observations(ids, np.full((2, 1, 3), np.nan), (0.75,))
     with pytest.raises(ValueError, match="reference_errors must have shape"):
         Observations(
-            ids, np.ones((2, 1, 3)), (0.75,), None, np.ones((4, 2, 1, 2)), np.zeros((4, 2), bool)
+            ids, np.ones((2, 1, 3)), (0.75,), np.ones((4, 2, 1, 2)), np.zeros((4, 2), bool)
         )
+    with pytest.raises(ValueError, match="boolean"):
+        Observations(ids, np.ones((2, 1, 3)), (0.75,), np.ones((1, 2, 1, 3)), np.zeros((1, 2)))
     with pytest.raises(ValueError, match="come together"):
         Observations(ids, np.ones((2, 1, 3)), (0.75,), reference_errors=np.ones((1, 2, 1, 3)))
-    obs = Observations(ids, np.ones((2, 1, 3)), (0.75,), labels=[1, 0])
+    with pytest.raises(ValueError, match="similarities must have shape"):
+        Observations(ids, similarities=np.ones((3, 2)))
+    obs = Observations(ids, np.ones((2, 1, 3)), (0.75,))
     with pytest.raises(ValueError, match=r"mask ratio 0.5 not observed"):
         obs.ratio_indices([0.5])
     assert obs.subset([1]).sample_ids.tolist() == ["b"]
-
-
-# ---------------------------------------------------------------- registry
-
-
-def test_registry_and_build_attack():
-    assert {"threshold", "classifier", "lira", "rmia", "global_threshold", "random"} <= set(ATTACKS)
-    assert {"encodermi", "encodermi_vector", "encodermi_threshold", "encodermi_set"} <= set(ATTACKS)
-    assert isinstance(build_attack("lira", mode="online"), LiRA)
-    with pytest.raises(ValueError, match=r"unknown attack 'nope'; known attacks: classifier, "):
-        build_attack("nope")
-    with pytest.raises(ValueError, match="bad parameters"):
-        build_attack("threshold", foo=1)
-    with pytest.raises(ValueError, match="logreg"):
-        build_attack("classifier", model="svm")
-    with pytest.raises(RuntimeError, match="fit"):
-        ThresholdAttack().score(Observations(["a"], np.ones((1, 1, 1)), (0.5,)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        obs.errors = None
 
 
 # ---------------------------------------------------------------- attacks
 
 
 def test_threshold_attack_on_weak_difficulty(easy_world):
-    shadow, target = easy_world
-    attack, scores = fitted_scores("threshold", shadow, target)
-    np.testing.assert_allclose(scores, -target.errors.mean(axis=(1, 2)))
-    assert auc(target.labels, scores) > 0.7
+    data = easy_world
+    attack, scores = fitted_scores("threshold", data)
+    np.testing.assert_allclose(scores, -data.X_audit.errors.mean(axis=(1, 2)))
+    assert auc(data.y_audit, scores) > 0.7
     # the shadow decoder raises every error by exp(0.4): the shadow threshold calls (almost)
     # everything a non-member; with the target's released decoder it transfers
-    assert balanced_accuracy(target.labels, attack.predict(target)) < 0.55
-    df, membership = make_world(seed=1, difficulty=0.3)
-    _, released = split_world(df, membership, decoder="released")
-    assert balanced_accuracy(released.labels, attack.predict(released)) > 0.6
-    _, one_ratio = fitted_scores("threshold", shadow, target, ratios=[0.75])
-    np.testing.assert_allclose(one_ratio, -target.errors[:, 1].mean(axis=1))
+    assert balanced_accuracy(data.y_audit, attack.predict(data.X_audit)) < 0.55
+    released = inputs(make_world(seed=1, difficulty=0.3), "released", ["errors"])
+    assert balanced_accuracy(released.y_audit, attack.predict(released.X_audit)) > 0.6
+    _, one_ratio = fitted_scores("threshold", data, ratios=[0.75])
+    np.testing.assert_allclose(one_ratio, -data.X_audit.errors[:, 1].mean(axis=1))
 
 
 def test_lira_beats_threshold_at_low_fpr_under_strong_difficulty(hard_world):
-    shadow, target = hard_world
-    _, thr = fitted_scores("threshold", shadow, target)
-    lira, lra = fitted_scores("lira", shadow, target)
-    assert auc(target.labels, thr) < 0.65
-    assert tpr_at_fpr(target.labels, thr, 0.01) < 0.06
-    assert tpr_at_fpr(target.labels, lra, 0.01) > 0.3
-    assert auc(target.labels, lra) > 0.9
+    data, y = hard_world, hard_world.y_audit
+    _, thr = fitted_scores("threshold", data)
+    lira, lra = fitted_scores("lira", data)
+    assert auc(y, thr) < 0.65
+    assert tpr_at_fpr(y, thr, 0.01) < 0.06
+    assert tpr_at_fpr(y, lra, 0.01) > 0.3
+    assert auc(y, lra) > 0.9
     # the threshold, replayed on shadow model 0, transfers to the target despite its decoder
     # (whose errors are exp(0.4) times higher): that is what the median calibration is for
-    assert balanced_accuracy(target.labels, lra >= lira.threshold) > 0.8
-    raw = LiRA(calibrate=False).fit(shadow)
-    raw_scores = raw.score(target)
-    assert balanced_accuracy(target.labels, raw_scores >= raw.threshold) < 0.55
+    assert balanced_accuracy(y, lra >= lira.threshold_) > 0.8
+    raw = LiRA(calibrate=False).fit(data.X_fit, data.y_fit)
+    raw_scores = raw.score_samples(data.X_audit)
+    assert balanced_accuracy(y, raw_scores >= raw.threshold_) < 0.55
     # offline z-scores with pooled variance: calibration moves scores, not their ranking
-    assert auc(target.labels, raw_scores) == pytest.approx(auc(target.labels, lra))
-    _, mean_log = fitted_scores("lira", shadow, target, statistic="mean_log")
-    assert auc(target.labels, mean_log) > 0.9
+    assert auc(y, raw_scores) == pytest.approx(auc(y, lra))
+    _, mean_log = fitted_scores("lira", data, statistic="mean_log")
+    assert auc(y, mean_log) > 0.9
 
 
 def test_lira_online_and_variance_choices():
-    shadow, target = split_world(*make_world(seed=2, difficulty=1.0, online=True))
-    assert 0.3 < target.reference_in.mean() < 0.7
-    all_out = Observations(
-        target.sample_ids,
-        target.errors,
-        target.mask_ratios,
-        reference_errors=target.reference_errors,
-        reference_in=np.zeros_like(target.reference_in),
-    )
+    data = inputs(make_world(seed=2, difficulty=1.0, online=True), needs=["errors", "references"])
+    X, y = data.X_audit, data.y_audit
+    all_out = dataclasses.replace(X, reference_in=np.zeros_like(X.reference_in))
     with pytest.raises(ValueError, match="use mode='offline'"):
-        LiRA(mode="online").fit(shadow).score(all_out)
-    online, scores = fitted_scores("lira", shadow, target, mode="online")
-    assert auc(target.labels, scores) > 0.85
-    assert balanced_accuracy(target.labels, scores >= online.threshold) > 0.75
-    _, offline = fitted_scores("lira", shadow, target)
-    assert auc(target.labels, offline) > 0.85
-    # per-sample variances (every sample has >= 1 OUT model here) still rank well
-    _, per_sample = fitted_scores("lira", shadow, target, per_sample_variance_min=2)
-    assert auc(target.labels, per_sample) > 0.8
+        LiRA(mode="online").fit(data.X_fit, data.y_fit).score_samples(all_out)
+    online, scores = fitted_scores("lira", data, mode="online")
+    assert auc(y, scores) > 0.85
+    assert balanced_accuracy(y, scores >= online.threshold_) > 0.75
+    _, offline = fitted_scores("lira", data)
+    assert auc(y, offline) > 0.85
+    # per-sample variances (every sample has >= 2 OUT models here) still rank well
+    _, per_sample = fitted_scores("lira", data, per_sample_variance_min=2)
+    assert auc(y, per_sample) > 0.8
 
 
-def test_lira_needs_references_and_defaults_threshold_without_them(hard_world):
-    shadow, target = hard_world
-    bare = Observations(shadow.sample_ids, shadow.errors, shadow.mask_ratios, shadow.labels)
-    lira = LiRA().fit(bare)
-    assert lira.threshold == 0.0
-    with pytest.raises(ValueError, match="no reference models"):
-        lira.score(Observations(target.sample_ids, target.errors, target.mask_ratios))
+def test_lira_threshold_defaults_without_references(hard_world):
+    data = hard_world
+    bare = Observations(data.X_fit.sample_ids, data.X_fit.errors, data.X_fit.mask_ratios)
+    lira = LiRA().fit(bare, data.y_fit)
+    assert lira.threshold_ == 0.0
+    assert LiRA().fit(data.X_fit).threshold_ == 0.0  # no labels: the natural threshold
+    with pytest.raises(ValueError, match="needs references to score"):
+        lira.score_samples(Observations(bare.sample_ids, bare.errors, bare.mask_ratios))
+
+
+def test_offline_lira_fits_with_a_single_reference_model():
+    rng = np.random.default_rng(0)
+    n = 40
+    labels = np.arange(n) < n // 2
+    X = Observations(
+        sample_ids=np.array([f"s{i}" for i in range(n)]),
+        errors=rng.lognormal(size=(n, 1, 2)) * np.where(labels, 0.8, 1.0)[:, None, None],
+        mask_ratios=(0.75,),
+        reference_errors=rng.lognormal(size=(1, n, 1, 2)),
+        reference_in=(np.arange(n) % 2 == 0)[None, :],
+    )
+    attack = build_attack("lira").fit(X, labels)
+    # the replay scores only the 20 samples the single reference model left out
+    assert np.isfinite(attack.threshold_) and attack.threshold_ != 0.0
 
 
 def test_rmia(hard_world):
-    shadow, target = hard_world
-    _, thr = fitted_scores("threshold", shadow, target)
-    rmia, scores = fitted_scores("rmia", shadow, target)
+    data, X, y = hard_world, hard_world.X_audit, hard_world.y_audit
+    _, thr = fitted_scores("threshold", data)
+    rmia, scores = fitted_scores("rmia", data)
     assert rmia.a_ in {round(a, 1) for a in np.linspace(0, 1, 11)}
     assert scores.min() >= 0 and scores.max() <= 1
-    assert auc(target.labels, scores) > 0.85 > auc(target.labels, thr) + 0.2
-    assert tpr_at_fpr(target.labels, scores, 0.01) > tpr_at_fpr(target.labels, thr, 0.01)
-    assert balanced_accuracy(target.labels, scores >= rmia.threshold) > 0.75
+    assert auc(y, scores) > 0.85 > auc(y, thr) + 0.2
+    assert tpr_at_fpr(y, scores, 0.01) > tpr_at_fpr(y, thr, 0.01)
+    assert balanced_accuracy(y, scores >= rmia.threshold_) > 0.75
     # with gamma = 1 and the scored samples as population, score = rank of LR / (N - 1)
-    lr = rmia.likelihood_ratio(target)
+    lr = rmia.likelihood_ratio(X)
     ranks = np.argsort(np.argsort(lr))
-    np.testing.assert_allclose(scores, ranks / (len(target) - 1))
-    fixed = RMIA(a=0.3).fit(shadow)
+    np.testing.assert_allclose(scores, ranks / (len(X) - 1))
+    fixed = RMIA(a=0.3).fit(data.X_fit, data.y_fit)
     assert fixed.a_ == 0.3
-    pop, pop_scores = fitted_scores("rmia", shadow, target, population="shadow_nonmembers")
-    assert len(pop.population_lr) == (~shadow.labels).sum()
-    assert auc(target.labels, pop_scores) == pytest.approx(auc(target.labels, scores), abs=0.01)
-    _, online = fitted_scores("rmia", shadow, target, mode="online", a=0.5)
-    assert auc(target.labels, online) > 0.85
+    pop, pop_scores = fitted_scores("rmia", data, population="shadow_nonmembers")
+    assert len(pop.population_lr_) == (~data.y_fit).sum()
+    assert auc(y, pop_scores) == pytest.approx(auc(y, scores), abs=0.01)
+    with pytest.raises(ValueError, match="tunes a on labelled shadow data"):
+        RMIA().fit(data.X_fit)
+    online = inputs(make_world(seed=2, online=True), needs=["errors", "references"])
+    _, online_scores = fitted_scores("rmia", online, mode="online", a=0.5)
+    assert auc(online.y_audit, online_scores) > 0.85
 
 
 def test_classifier_attack(easy_world):
-    shadow, target = easy_world
+    data = easy_world
     for model in ("logreg", "mlp"):
-        attack, scores = fitted_scores("classifier", shadow, target, model=model, seed=3)
-        assert auc(target.labels, scores) > 0.7, model
-        proba = attack.pipeline.predict_proba(sorted_error_features(target, None))[:, 1]
+        attack, scores = fitted_scores("classifier", data, model=model, seed=3)
+        assert auc(data.y_audit, scores) > 0.7, model
+        features = sorted_error_features(data.X_audit, None)
+        proba = attack.pipeline_.predict_proba(features)[:, 1]
         if model == "logreg":  # log-odds of the member probability
             np.testing.assert_allclose(1 / (1 + np.exp(-scores)), proba, rtol=1e-9, atol=1e-12)
         else:
             np.testing.assert_array_equal(scores, proba)
-        again = ClassifierAttack(model=model, seed=3).fit(shadow).score(target)
-        np.testing.assert_array_equal(scores, again)
-    one = Observations(target.sample_ids, target.errors[:, :1], target.mask_ratios[:1])
+        again = ClassifierAttack(model=model, seed=3).fit(data.X_fit, data.y_fit)
+        np.testing.assert_array_equal(scores, again.score_samples(data.X_audit))
+    one = data.X_audit.subset(np.arange(len(data.X_audit)))
+    one = Observations(one.sample_ids, one.errors[:, :1], one.mask_ratios[:1])
     with pytest.raises(ValueError, match=r"fitted on \(2, 8\) \(ratios, masks\)"):
-        attack.score(one)
+        attack.score_samples(one)
 
 
 def test_global_threshold_and_random(easy_world):
-    shadow, target = easy_world
-    glob = GlobalThresholdAttack().fit(None)
-    scores = glob.score(target)
-    _, thr = fitted_scores("threshold", shadow, target)
+    data, X = easy_world, easy_world.X_audit
+    glob = GlobalThresholdAttack().fit(data.X_fit)
+    scores = glob.score_samples(X)
+    _, thr = fitted_scores("threshold", data)
     np.testing.assert_allclose(scores, thr)
-    assert glob.threshold == pytest.approx(-np.median(target.errors.mean(axis=(1, 2))))
-    assert glob.predict(target).sum() == len(target) // 2
-    rand = RandomGuess(seed=5).fit(None)
-    scores = rand.score(target)
-    assert rand.threshold == 0.5
-    assert abs(auc(target.labels, scores) - 0.5) < 0.07
-    np.testing.assert_array_equal(scores, RandomGuess(seed=5).fit(shadow).score(target))
-    assert not np.array_equal(scores, RandomGuess(seed=6).fit(None).score(target))
+    assert not hasattr(glob, "threshold_")  # transductive: the threshold depends on X
+    assert glob.threshold_for(X) == pytest.approx(-np.median(X.errors.mean(axis=(1, 2))))
+    assert glob.predict(X).sum() == len(X) // 2
+    assert glob.threshold_for(X.subset(np.arange(10))) != glob.threshold_for(X)
+    rand = RandomGuess(seed=5).fit(data.X_fit)
+    scores = rand.score_samples(X)
+    assert rand.threshold_ == 0.5
+    assert abs(auc(data.y_audit, scores) - 0.5) < 0.07
+    np.testing.assert_array_equal(scores, RandomGuess(seed=5).fit(X).score_samples(X))
+    assert not np.array_equal(scores, RandomGuess(seed=6).fit(X).score_samples(X))
 
 
-def encoder_world(seed: int, n: int = 300, views: int = 5):
+def encoder_data(seed: int, n: int = 300, views: int = 5):
     """Members' augmented views agree more (cosine similarity + 0.1) than non-members'."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) < n // 2
     base = rng.normal(0.6, 0.08, n) + 0.1 * labels
     sim = np.clip(base[:, None] + rng.normal(0, 0.1, (n, views * (views - 1) // 2)), -1, 1)
-    return Observations(
-        np.array([f"e{i}" for i in range(n)]),
-        np.ones((n, 1, 1)),
-        (0.75,),
-        labels=labels,
-        embeddings_similarity=sim,
-    )
+    return Observations(np.array([f"e{i}" for i in range(n)]), similarities=sim), labels
 
 
 def test_encodermi_variants():
-    shadow, target = encoder_world(0), encoder_world(1)
+    (fit, y_fit), (audit, y) = encoder_data(0), encoder_data(1)
     for name in ("encodermi_vector", "encodermi_threshold", "encodermi_set"):
-        attack, scores = fitted_scores(name, shadow, target)
-        assert auc(target.labels, scores) > 0.7, name
-        assert balanced_accuracy(target.labels, scores >= attack.threshold) > 0.65, name
-    _, mean_sim = fitted_scores("encodermi", shadow, target, variant="threshold")
-    np.testing.assert_allclose(mean_sim, target.embeddings_similarity.mean(axis=1))
+        attack = build_attack(name).fit(fit, y_fit)
+        scores = attack.score_samples(audit)
+        assert auc(y, scores) > 0.7, name
+        assert balanced_accuracy(y, scores >= attack.threshold_) > 0.65, name
+    mean_sim = EncoderMI(variant="threshold").fit(fit, y_fit).score_samples(audit)
+    np.testing.assert_allclose(mean_sim, audit.similarities.mean(axis=1))
     # the set variant is permutation invariant and takes sets of another size
-    attack = EncoderMI(variant="set").fit(shadow)
-    perm = np.random.default_rng(0).permutation(target.embeddings_similarity.shape[1])
-    shuffled = target.subset(np.arange(len(target)))
-    shuffled.embeddings_similarity = target.embeddings_similarity[:, perm]
-    np.testing.assert_allclose(attack.score(shuffled), attack.score(target))
-    bigger = encoder_world(2, views=7)
-    assert auc(bigger.labels, attack.score(bigger)) > 0.7
+    attack = EncoderMI(variant="set").fit(fit, y_fit)
+    perm = np.random.default_rng(0).permutation(audit.similarities.shape[1])
+    shuffled = dataclasses.replace(audit, similarities=audit.similarities[:, perm])
+    np.testing.assert_allclose(attack.score_samples(shuffled), attack.score_samples(audit))
+    bigger, y_big = encoder_data(2, views=7)
+    assert auc(y_big, attack.score_samples(bigger)) > 0.7
     with pytest.raises(ValueError, match="fitted on 10 similarities"):
-        EncoderMI(variant="vector").fit(shadow).score(bigger)
-    with pytest.raises(ValueError, match="embeddings_similarity"):
-        EncoderMI().fit(Observations(["a", "b"], np.ones((2, 1, 1)), (0.5,), labels=[1, 0]))
+        EncoderMI(variant="vector").fit(fit, y_fit).score_samples(bigger)
+    with pytest.raises(ValueError, match="encodermi needs similarities to fit; X has errors"):
+        EncoderMI().fit(Observations(["a", "b"], np.ones((2, 1, 1)), (0.5,)), [1, 0])
 
 
-def test_offline_lira_fits_with_a_single_reference_model():
-    from mimia.attacks import Observations, build_attack
-
-    rng = np.random.default_rng(0)
-    n = 40
-    labels = np.arange(n) < n // 2
-    errors = rng.lognormal(size=(n, 1, 2)) * np.where(labels, 0.8, 1.0)[:, None, None]
-    ref_in = (np.arange(n) % 2 == 0)[None, :]
-    shadow = Observations(
-        sample_ids=np.array([f"s{i}" for i in range(n)]),
-        errors=errors,
-        mask_ratios=(0.75,),
-        labels=labels,
-        reference_errors=rng.lognormal(size=(1, n, 1, 2)),
-        reference_in=ref_in,
+def test_encodermi_from_the_embeddings_table():
+    world = make_world(seed=4, n=80)
+    data = build_inputs(
+        None, world.manifest, world.membership, "shadow", ["similarities"], world.embeddings
     )
-    attack = build_attack("lira").fit(shadow)
-    assert np.isfinite(attack.threshold)
+    assert data.X_audit.parts == {"similarities"} and data.X_audit.similarities.shape == (160, 10)
+    row = world.embeddings.filter(
+        (pl.col("model") == "target") & (pl.col("sample_id") == data.X_audit.sample_ids[5])
+    )
+    np.testing.assert_array_equal(data.X_audit.similarities[5], row["similarities"].to_list()[0])
+    _, scores = fitted_scores("encodermi_threshold", data)
+    assert auc(data.y_audit, scores) > 0.75
+    lacking = world.embeddings.filter(pl.col("sample_id") != data.X_fit.sample_ids[0])
+    with pytest.raises(ValueError, match=r"1 samples lack 'shadow0' embeddings"):
+        build_inputs(None, world.manifest, world.membership, "shadow", ["similarities"], lacking)

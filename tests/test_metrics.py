@@ -197,3 +197,76 @@ def test_evaluate_with_given_threshold_and_without_bootstrap():
     assert res["auc"] == pytest.approx(8 / 9)  # 0.2 loses to 0.7 only
     assert res["tpr_at_fpr_0.001"] == pytest.approx(2 / 3)
     assert res["auc_ci_low"] is None and res["auc_ci_high"] is None
+
+
+def reference_low_fpr_tpr(labels, scores, f, drop_intermediate=True):
+    """The LiRA reference's reading (research/mi_lira_2021/plot.py, do_plot)."""
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=drop_intermediate)
+    return tpr[np.where(fpr < f)[0][-1]]
+
+
+def test_strict_convention_is_the_lira_reference_formula():
+    # 4 members, 6 non-members, distinct scores: the ROC steps through
+    # (0, .25) (0, .5) (1/6, .5) (1/6, .75) (2/6, .75) (3/6, .75) (3/6, 1) ... (1, 1)
+    labels = np.array([1, 1, 0, 1, 0, 0, 1, 0, 0, 0])
+    scores = np.arange(10, 0, -1)
+    cases = {1 / 6: (0.75, 0.5), 0.2: (0.75, 0.75), 0.5: (1.0, 0.75), 0.01: (0.5, 0.5)}
+    for f, (inclusive, strict) in cases.items():
+        assert tpr_at_fpr(labels, scores, f) == inclusive, f
+        assert tpr_at_fpr(labels, scores, f, convention="strict") == strict, f
+        assert reference_low_fpr_tpr(labels, scores, f) == strict, f
+    assert tpr_at_fpr(labels, scores, 0.0, convention="strict") == 0.0  # the reference fails
+    with pytest.raises(ValueError, match="convention must be one of"):
+        tpr_at_fpr(labels, scores, 0.1, convention="<")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_strict_convention_matches_the_reference_on_random_roc(seed):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(400) < 200  # 200 non-members: 1 % and 10 % FPR fall on ROC points
+    scores = rng.normal(size=400) + labels
+    for f in (0.005, 0.01, 0.05, 0.1, 0.3):
+        assert tpr_at_fpr(labels, scores, f, "strict") == reference_low_fpr_tpr(labels, scores, f)
+    # with ties the reference's roc_curve drops collinear points the strict rule would pick
+    labels, scores = tied_data(seed)
+    for f in (0.01, 0.05, 0.1, 0.3):
+        full = reference_low_fpr_tpr(labels, scores, f, drop_intermediate=False)
+        assert tpr_at_fpr(labels, scores, f, "strict") == full
+        assert full >= reference_low_fpr_tpr(labels, scores, f)
+
+
+def test_dropped_collinear_points_are_the_only_difference():
+    # four tied (member, non-member) pairs: ROC points (k/4, k/4); roc_curve keeps the first
+    # and last only, dropping (2/4, 2/4) and (3/4, 3/4)
+    labels = np.array([1, 0] * 4)
+    scores = np.repeat([4, 3, 2, 1], 2)
+    assert tpr_at_fpr(labels, scores, 0.6, "strict") == 0.5
+    assert reference_low_fpr_tpr(labels, scores, 0.6, drop_intermediate=False) == 0.5
+    assert reference_low_fpr_tpr(labels, scores, 0.6) == 0.25
+
+
+def test_bootstrap_and_evaluate_follow_the_convention():
+    labels, scores = tied_data(4, 300)
+    boot = bootstrap_metrics(labels, scores, 0.3, n_bootstrap=5, seed=2, tpr_convention="strict")
+    rng = np.random.default_rng(2)
+    pos, neg = np.flatnonzero(labels), np.flatnonzero(~labels)
+    i1 = rng.integers(0, len(pos), size=(5, len(pos)))
+    i0 = rng.integers(0, len(neg), size=(5, len(neg)))
+    for b in range(5):
+        idx = np.concatenate([pos[i1[b]], neg[i0[b]]])
+        for f in (0.001, 0.01, 0.1):
+            expected = tpr_at_fpr(labels[idx], scores[idx], f, "strict")
+            assert boot[f"tpr_at_fpr_{f:g}"][b] == pytest.approx(expected, abs=1e-12)
+    strict = evaluate(labels, scores, n_bootstrap=0, tpr_convention="strict")
+    inclusive = evaluate(labels, scores, n_bootstrap=0)
+    assert strict["tpr_at_fpr_convention"] == "strict"
+    assert (
+        strict["tpr_at_fpr_rule"]
+        == "highest TPR among ROC points with FPR < f (LiRA reference code)"
+    )
+    assert inclusive["tpr_at_fpr_convention"] == "inclusive"
+    for f in (0.001, 0.01, 0.1):
+        key = f"tpr_at_fpr_{f:g}"
+        assert strict[key] == tpr_at_fpr(labels, scores, f, "strict")
+        assert inclusive[key] >= strict[key]
+    assert strict["auc"] == inclusive["auc"]

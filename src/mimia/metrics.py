@@ -9,9 +9,17 @@ Conventions (shared by every function here):
   distinct score, highest first, preceded by ``(fpr, tpr) = (0, 0)`` at threshold ``+inf``.
   Samples with tied scores move together, so a tied group of members and non-members is a
   single diagonal step, never split.
-* ``tpr_at_fpr(labels, scores, f)`` is the highest TPR among ROC points whose FPR is ``<= f``.
-  The ``(0, 0)`` point always qualifies, so when no threshold reaches FPR ``<= f`` with a
-  positive TPR (e.g. a non-member ties with or outranks every member) the answer is ``0.0``.
+* ``tpr_at_fpr(labels, scores, f)`` is, by default (``convention="inclusive"``), the highest TPR
+  among ROC points whose FPR is ``<= f``. The ``(0, 0)`` point always qualifies, so when no
+  threshold reaches FPR ``<= f`` with a positive TPR (e.g. a non-member ties with or outranks
+  every member) the answer is ``0.0``. ``convention="strict"`` is the LiRA reference code's
+  reading (tensorflow/privacy ``research/mi_lira_2021/plot.py``:
+  ``tpr[np.where(fpr < f)[0][-1]]``): points with FPR exactly ``f`` do not count. The two differ
+  only when a ROC point lands on ``f`` exactly (``f * n_nonmembers`` an integer), e.g. at 1 %
+  FPR with 400 non-members a 4th false positive is allowed inclusively, not strictly. The
+  reference reads sklearn's ``roc_curve`` with its default ``drop_intermediate=True``, which on
+  tied scores can drop the point the strict rule would pick; here every ROC point is kept, so
+  the strict value is never lower than the reference's and equal to it without ties.
   No interpolation between ROC points is done: that would credit a randomised attack.
 """
 
@@ -22,6 +30,12 @@ import polars as pl
 
 FPR_TARGETS: tuple[float, ...] = (0.001, 0.01, 0.1)
 """The low-FPR operating points ``evaluate`` reports (0.1 %, 1 %, 10 %)."""
+
+TPR_CONVENTIONS: dict[str, str] = {
+    "inclusive": "highest TPR among ROC points with FPR <= f",
+    "strict": "highest TPR among ROC points with FPR < f (LiRA reference code)",
+}
+"""``tpr_at_fpr`` conventions and the rule each states in ``metrics.json``."""
 
 
 def _fpr_key(fpr: float) -> str:
@@ -114,16 +128,30 @@ def _check_fpr(fpr: float) -> float:
     return fpr
 
 
-def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> np.ndarray:
-    # (0, 0) is the first point, so the maximum is over a non-empty set and is >= 0.
-    return np.max(np.where(fpr <= target + 1e-12, tpr, 0.0), axis=-1)
+def _check_convention(convention: str) -> str:
+    if convention not in TPR_CONVENTIONS:
+        raise ValueError(
+            f"TPR-at-FPR convention must be one of {sorted(TPR_CONVENTIONS)}, got {convention!r}"
+        )
+    return convention
 
 
-def tpr_at_fpr(labels, scores, fpr: float) -> float:
-    """Highest TPR among ROC points with FPR <= ``fpr``; 0.0 when only the (0, 0) point does."""
+def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float, convention: str) -> np.ndarray:
+    # TPR never decreases along the ROC, so "highest TPR among qualifying points" is the
+    # reference's "TPR of the last qualifying point". Inclusive: (0, 0) always qualifies, so the
+    # maximum is over a non-empty set; the tolerance keeps k / n == f from missing by rounding.
+    # Strict compares exactly, as the reference does (where it would fail, at f = 0, it is 0).
+    keep = fpr <= target + 1e-12 if convention == "inclusive" else fpr < target
+    return np.max(np.where(keep, tpr, 0.0), axis=-1)
+
+
+def tpr_at_fpr(labels, scores, fpr: float, convention: str = "inclusive") -> float:
+    """Highest TPR among ROC points with FPR <= ``fpr`` (``convention="strict"``: FPR <
+    ``fpr``); 0.0 when no point but (0, 0) qualifies."""
     target = _check_fpr(fpr)
+    convention = _check_convention(convention)
     f, t, _ = roc_points(labels, scores)
-    return float(_tpr_at(f, t, target))
+    return float(_tpr_at(f, t, target, convention))
 
 
 def balanced_accuracy(labels, predictions) -> float:
@@ -169,7 +197,13 @@ def _ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 
 
 def bootstrap_metrics(
-    labels, scores, threshold: float, n_bootstrap: int = 1000, seed: int = 0, chunk: int = 250
+    labels,
+    scores,
+    threshold: float,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    chunk: int = 250,
+    tpr_convention: str = "inclusive",
 ) -> dict[str, np.ndarray]:
     """Every ``evaluate`` metric on ``n_bootstrap`` stratified resamples, as arrays ``[B]``.
 
@@ -178,6 +212,7 @@ def bootstrap_metrics(
     resample becomes per-bin member / non-member counts, and the ROCs are cumulative sums.
     """
     y, s = _check(labels, scores)
+    tpr_convention = _check_convention(tpr_convention)
     _, _, _, group = _grouped(y, s)
     n_groups = int(group.max()) + 1
     g1, g0 = group[y], group[~y]
@@ -202,14 +237,19 @@ def bootstrap_metrics(
             "best_balanced_accuracy": np.max((tpr + 1 - fpr) / 2, axis=1),
         }
         for f in FPR_TARGETS:
-            res[_fpr_key(f)] = _tpr_at(fpr, tpr, f)
+            res[_fpr_key(f)] = _tpr_at(fpr, tpr, f, tpr_convention)
         for k, v in res.items():
             out.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def evaluate(
-    labels, scores, threshold: float | None = None, n_bootstrap: int = 1000, seed: int = 0
+    labels,
+    scores,
+    threshold: float | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    tpr_convention: str = "inclusive",
 ) -> dict[str, float | int | str | None]:
     """Point estimates and stratified percentile-bootstrap 95 % CIs of every metric.
 
@@ -219,9 +259,11 @@ def evaluate(
     (``"given"``, or ``"best_on_evaluated_data"`` when ``threshold`` is None: then
     ``balanced_accuracy`` equals ``best_balanced_accuracy`` and is optimistic; its CI keeps that
     threshold fixed while ``best_balanced_accuracy``'s CI re-optimises it in every resample);
-    ``n_members``, ``n_nonmembers``, ``n_bootstrap``, ``seed``.
+    ``n_members``, ``n_nonmembers``, ``n_bootstrap``, ``seed``; ``tpr_at_fpr_convention``
+    (``tpr_convention``) and ``tpr_at_fpr_rule``, the rule it stands for.
     """
     y, s = _check(labels, scores)
+    tpr_convention = _check_convention(tpr_convention)
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
     source = "given"
@@ -237,8 +279,12 @@ def evaluate(
         "best_balanced_accuracy": float(np.max((tpr + 1 - fpr) / 2)),
     }
     for f in FPR_TARGETS:
-        point[_fpr_key(f)] = float(_tpr_at(fpr, tpr, f))
-    boot = bootstrap_metrics(y, s, threshold, n_bootstrap, seed) if n_bootstrap else {}
+        point[_fpr_key(f)] = float(_tpr_at(fpr, tpr, f, tpr_convention))
+    boot = (
+        bootstrap_metrics(y, s, threshold, n_bootstrap, seed, tpr_convention=tpr_convention)
+        if n_bootstrap
+        else {}
+    )
     result: dict[str, float | int | str | None] = {}
     for key, value in point.items():
         result[key] = value
@@ -252,5 +298,7 @@ def evaluate(
         "n_nonmembers": int((~y).sum()),
         "n_bootstrap": int(n_bootstrap),
         "seed": int(seed),
+        "tpr_at_fpr_convention": tpr_convention,
+        "tpr_at_fpr_rule": TPR_CONVENTIONS[tpr_convention],
     }
     return result

@@ -1,10 +1,10 @@
 """Reference points that need no shadow model.
 
 * ``global_threshold``: ``score = -mean error`` (as the paper's attack) but the threshold is
-  not learned from shadow data: it is a quantile of the *target's own* mean errors (default
-  the median, i.e. "call the better-reconstructed half members"). It uses no labels, but it
-  does assume the audited set's member fraction, so its balanced accuracy is only fair on
-  balanced audit sets. AUC and TPR@FPR do not depend on the threshold at all.
+  not learned from shadow data: it is a quantile of the *audited set's own* mean errors
+  (default the median, i.e. "call the better-reconstructed half members"). It uses no labels,
+  but it does assume the audited set's member fraction, so its balanced accuracy is only fair
+  on balanced audit sets. AUC and TPR@FPR do not depend on the threshold at all.
 * ``random``: seeded uniform scores, the floor every attack must beat (AUC ~ 0.5).
 """
 
@@ -14,34 +14,46 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mimia.attacks.base import Attack, Observations, register, select_errors
+from mimia.attacks.base import Attack, check_int, check_ratios, register
+from mimia.attacks.data import Observations
 
 
 @register
 class GlobalThresholdAttack(Attack):
-    """``score = -mean error``; ``threshold`` = minus the ``quantile`` of the scored
-    observations' mean errors, i.e. samples with error at or below that quantile are members.
-
-    ``threshold`` is set by ``score`` (it depends on the scored observations), not by ``fit``.
-    """
+    """``score = -mean error``; the threshold for scoring ``X``, ``threshold_for(X)``, is minus
+    the ``quantile`` of ``X``'s mean errors: samples with error at or below that quantile are
+    members. ``fit`` learns nothing (no ``threshold_``: the threshold depends on ``X``)."""
 
     name = "global_threshold"
-    requires_shadow = False
+    needs_labels = False
 
     def __init__(self, quantile: float = 0.5, ratios: Sequence[float] | float | None = None):
-        if not 0.0 <= quantile <= 1.0:
-            raise ValueError(f"quantile must lie in [0, 1], got {quantile}")
-        super().__init__(quantile=quantile, ratios=ratios)
-        self.quantile = float(quantile)
+        self.quantile = quantile
         self.ratios = ratios
 
-    def _fit_threshold(self, shadow: Observations | None) -> float:
-        return np.nan  # set when scoring: a quantile of the target's own errors
+    def _validate_params(self) -> None:
+        q = self.quantile
+        if isinstance(q, bool) or not isinstance(q, int | float) or not 0.0 <= q <= 1.0:
+            raise ValueError(f"{self.name}: quantile must lie in [0, 1], got {q!r}")
+        check_ratios(self.name, self.ratios)
 
-    def _score(self, obs: Observations) -> np.ndarray:
-        mean_error = select_errors(obs, self.ratios).mean(axis=(1, 2))
-        self.threshold = -float(np.quantile(mean_error, self.quantile))
-        return -mean_error
+    @property
+    def calibration(self) -> str:
+        return "transductive"
+
+    def _mean_error(self, X: Observations) -> np.ndarray:
+        return X.errors[:, X.ratio_indices(self.ratios)].mean(axis=(1, 2))
+
+    def _fit_threshold(self, X: Observations, y) -> None:
+        return None
+
+    def _score_samples(self, X: Observations) -> np.ndarray:
+        return -self._mean_error(X)
+
+    def threshold_for(self, X: Observations) -> float:
+        self._check_fitted()
+        self._check_X(X, self.inputs, "threshold")
+        return -float(np.quantile(self._mean_error(X), self.quantile))
 
 
 @register
@@ -49,14 +61,21 @@ class RandomGuess(Attack):
     """Seeded uniform scores in [0, 1) (one draw per sample, in order); threshold 0.5."""
 
     name = "random"
-    requires_shadow = False
+    inputs = frozenset()
+    needs_labels = False
 
     def __init__(self, seed: int = 0) -> None:
-        super().__init__(seed=seed)
-        self.seed = int(seed)
+        self.seed = seed
 
-    def _fit_threshold(self, shadow: Observations | None) -> float:
+    def _validate_params(self) -> None:
+        check_int(self.name, "seed", self.seed, 0)
+
+    @property
+    def calibration(self) -> str:
+        return "fixed"
+
+    def _fit_threshold(self, X: Observations, y) -> float:
         return 0.5
 
-    def _score(self, obs: Observations) -> np.ndarray:
-        return np.random.default_rng(self.seed).random(len(obs))
+    def _score_samples(self, X: Observations) -> np.ndarray:
+        return np.random.default_rng(self.seed).random(len(X))

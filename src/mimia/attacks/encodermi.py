@@ -2,7 +2,7 @@
 of V augmented views of an image agree. An encoder pre-trained on an image has seen (and, with
 contrastive or masked objectives, learned invariance on) its augmentations, so members' views
 embed more alike. The features are the ``P = V(V-1)/2`` pairwise cosine similarities
-``Observations.embeddings_similarity``; higher score = member.
+``Observations.similarities``; higher score = member.
 
 Variants (``variant``):
 
@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mimia.attacks.base import Attack, Observations, register
+from mimia.attacks.base import Attack, check_choice, check_int, register
 from mimia.attacks.classifier import CLASSIFIERS, make_classifier
+from mimia.attacks.data import Observations
 
 VARIANTS = ("vector", "threshold", "set")
 
@@ -44,61 +45,68 @@ def set_features(similarities: np.ndarray, bins: int = 16) -> np.ndarray:
 
 @register
 class EncoderMI(Attack):
-    """EncoderMI over embedding similarities of augmented views (see module doc)."""
+    """EncoderMI over embedding similarities of augmented views (see module doc).
+
+    Fitted: ``pipeline_`` (vector and set variants) and ``num_pairs_`` (similarities per
+    sample of the fit data).
+    """
 
     name = "encodermi"
-    requires_embeddings = True
+    inputs = frozenset({"similarities"})
 
     def __init__(
         self, variant: str = "vector", model: str = "logreg", bins: int = 16, seed: int = 0
     ) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"EncoderMI variant must be one of {VARIANTS}, got {variant!r}")
-        if model not in CLASSIFIERS:
-            raise ValueError(f"classifier model must be one of {CLASSIFIERS}, got {model!r}")
-        if bins < 2:
-            raise ValueError(f"bins must be >= 2, got {bins}")
-        super().__init__(variant=variant, model=model, bins=bins, seed=seed)
-        self.variant, self.model, self.bins, self.seed = variant, model, int(bins), int(seed)
-        self.pipeline = None
-        self._num_pairs: int | None = None
+        self.variant = variant
+        self.model = model
+        self.bins = bins
+        self.seed = seed
 
-    def _features(self, obs: Observations) -> np.ndarray:
-        sim = obs.embeddings_similarity
+    def _validate_params(self) -> None:
+        check_choice(self.name, "variant", self.variant, VARIANTS)
+        check_choice(self.name, "model", self.model, CLASSIFIERS)
+        check_int(self.name, "bins", self.bins, 2)
+        check_int(self.name, "seed", self.seed, 0)
+
+    def _features(self, sim: np.ndarray) -> np.ndarray:
         if self.variant == "vector":
-            if self._num_pairs is not None and sim.shape[1] != self._num_pairs:
-                raise ValueError(
-                    f"encodermi (vector) was fitted on {self._num_pairs} similarities per "
-                    f"sample but got {sim.shape[1]}; the set variant accepts any number"
-                )
             return np.sort(sim, axis=1)
         return set_features(sim, self.bins)
 
-    def _fit(self, shadow: Observations | None) -> None:
-        assert shadow is not None and shadow.labels is not None
-        self._check_inputs(shadow, "shadow")
+    def _fit(self, X: Observations, y: np.ndarray) -> None:
+        self.num_pairs_ = X.similarities.shape[1]
+        if self.variant != "threshold":
+            self.pipeline_ = make_classifier(self.model, self.seed).fit(
+                self._features(X.similarities), y
+            )
+
+    def _score_samples(self, X: Observations) -> np.ndarray:
+        sim = X.similarities
         if self.variant == "threshold":
-            return
-        self._num_pairs = shadow.embeddings_similarity.shape[1]
-        self.pipeline = make_classifier(self.model, self.seed).fit(
-            self._features(shadow), shadow.labels
-        )
-
-    def _score(self, obs: Observations) -> np.ndarray:
-        if self.variant == "threshold":
-            return obs.embeddings_similarity.mean(axis=1)
-        member_col = list(self.pipeline.classes_).index(True)
-        return self.pipeline.predict_proba(self._features(obs))[:, member_col]
+            return sim.mean(axis=1)
+        if self.variant == "vector" and sim.shape[1] != self.num_pairs_:
+            raise ValueError(
+                f"{self.name} (vector) was fitted on {self.num_pairs_} similarities per "
+                f"sample but got {sim.shape[1]}; the set variant accepts any number"
+            )
+        member_col = list(self.pipeline_.classes_).index(True)
+        return self.pipeline_.predict_proba(self._features(sim))[:, member_col]
 
 
+# The fixed-variant names configs use. Their constructors take only the parameters that
+# variant uses; ``variant`` (and unused ones) are class attributes, so get_params / clone
+# rebuild them exactly.
 @register
 class EncoderMIVector(EncoderMI):
-    """``encodermi`` with ``variant="vector"`` (registry name for configs)."""
+    """``encodermi`` with ``variant="vector"``."""
 
     name = "encodermi_vector"
+    variant = "vector"
+    bins = 16
 
     def __init__(self, model: str = "logreg", seed: int = 0) -> None:
-        super().__init__(variant="vector", model=model, seed=seed)
+        self.model = model
+        self.seed = seed
 
 
 @register
@@ -106,9 +114,13 @@ class EncoderMIThreshold(EncoderMI):
     """``encodermi`` with ``variant="threshold"``."""
 
     name = "encodermi_threshold"
+    variant = "threshold"
+    model = "logreg"
+    bins = 16
+    seed = 0
 
     def __init__(self) -> None:
-        super().__init__(variant="threshold")
+        pass
 
 
 @register
@@ -116,6 +128,9 @@ class EncoderMISet(EncoderMI):
     """``encodermi`` with ``variant="set"``."""
 
     name = "encodermi_set"
+    variant = "set"
 
     def __init__(self, model: str = "logreg", bins: int = 16, seed: int = 0) -> None:
-        super().__init__(variant="set", model=model, bins=bins, seed=seed)
+        self.model = model
+        self.bins = bins
+        self.seed = seed

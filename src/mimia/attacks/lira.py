@@ -46,12 +46,16 @@ default): ``(mu_out - stat) / sigma_out``, the one-sided z-score (monotone in Ca
 ``log Phi``; 0 = "as good as an average OUT model"). Online (``mode="online"``, IN references
 exist): ``log N(stat; mu_in, sigma_in) - log N(stat; mu_out, sigma_out)``.
 
-Threshold. ``fit`` learns nothing but the threshold. It receives the adversary's shadow
-observations: the errors of reference model 0 on the adversary's own members and non-members,
-with reference models 1..M-1 as its references. Scoring those with the same recipe is a
+Threshold. ``fit`` learns nothing but ``threshold_``. It receives the adversary's
+observations: the errors of shadow model 0 on the adversary's own members and non-members,
+with shadow models 1..M-1 as its references. Scoring those with the same recipe is a
 leave-one-model-out replay of the attack where membership is known, and the threshold that
-best separates them is kept. Without shadow references (or labels) the threshold is the
-natural one, 0 (z = 0 offline; likelihood ratio 1 online).
+best separates them is kept (offline, over the adversary's images that have an OUT reference
+model). Without shadow references (or labels) the threshold is the natural one, 0 (z = 0
+offline; likelihood ratio 1 online).
+
+The LiRA reference code's estimators (median, ``np.std``, two-sided log-density) are
+``lira_reference`` (``mimia.attacks.lira_reference``).
 """
 
 from __future__ import annotations
@@ -60,12 +64,26 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mimia.attacks.base import Attack, Observations, log_errors, register
+from mimia.attacks.base import (
+    Attack,
+    check_bool,
+    check_choice,
+    check_int,
+    check_ratios,
+    register,
+)
+from mimia.attacks.calibration import (
+    gaussian,
+    log_errors,
+    normal_logpdf,
+    reference_levels,
+    replay_subset,
+)
+from mimia.attacks.data import Observations
 from mimia.metrics import best_threshold
 
 MODES = ("offline", "online")
 STATISTICS = ("log_mean", "mean_log")
-_MIN_SIGMA = 1e-6
 
 
 def lira_statistic(errors: np.ndarray, statistic: str = "log_mean") -> np.ndarray:
@@ -77,47 +95,14 @@ def lira_statistic(errors: np.ndarray, statistic: str = "log_mean") -> np.ndarra
     raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
 
 
-def out_medians(values: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Per reference model (rows of ``values [M, N, ...]``), the median over the samples it
-    did not train on (``out [M, N]``), over all samples for a model with no OUT sample."""
-    med = np.empty((values.shape[0], *values.shape[2:]))
-    for m in range(values.shape[0]):
-        keep = out[m] if out[m].any() else np.ones(values.shape[1], dtype=bool)
-        med[m] = np.median(values[m, keep], axis=0)
-    return med
-
-
-def _gaussian(stats: np.ndarray, member: np.ndarray, min_models: int):
-    """Per-sample mean, std (per sample or pooled) and model count of ``stats[member]``.
-
-    ``stats``, ``member``: ``[M, N]``. Means are NaN for samples with no such model; the std
-    is always finite (per-sample where ``count >= min_models``, else pooled, else 1).
-    """
-    count = member.sum(axis=0)
-    total = np.where(member, stats, 0.0).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mu = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    resid = np.where(member, stats - np.nan_to_num(mu), 0.0)
-    ss = (resid**2).sum(axis=0)
-    dof = np.maximum(count - 1, 0)
-    pooled = np.sqrt(ss.sum() / dof.sum()) if dof.sum() > 0 else 1.0
-    per_sample = np.sqrt(ss / np.maximum(dof, 1))
-    use = (count >= max(min_models, 2)) & (dof > 0)
-    sigma = np.maximum(np.where(use, per_sample, pooled), _MIN_SIGMA)
-    return mu, sigma, count, max(float(pooled), _MIN_SIGMA)
-
-
-def _log_normal_pdf(x, mu, sigma):
-    return -0.5 * ((x - mu) / sigma) ** 2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)
-
-
 @register
 class LiRA(Attack):
     """Per-sample LiRA on the log reconstruction error, offline or online (see module doc)."""
 
     name = "lira"
-    requires_shadow = False
-    requires_references = True
+    inputs = frozenset({"errors", "references"})
+    fit_inputs = frozenset({"errors"})
+    needs_labels = False
 
     def __init__(
         self,
@@ -127,39 +112,41 @@ class LiRA(Attack):
         calibrate: bool = True,
         per_sample_variance_min: int = 16,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"LiRA mode must be one of {MODES}, got {mode!r}")
-        if statistic not in STATISTICS:
-            raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-        super().__init__(
-            mode=mode,
-            statistic=statistic,
-            ratios=ratios,
-            calibrate=calibrate,
-            per_sample_variance_min=per_sample_variance_min,
-        )
-        self.mode, self.statistic, self.ratios = mode, statistic, ratios
-        self.calibrate = bool(calibrate)
-        self.per_sample_variance_min = int(per_sample_variance_min)
+        self.mode = mode
+        self.statistic = statistic
+        self.ratios = ratios
+        self.calibrate = calibrate
+        self.per_sample_variance_min = per_sample_variance_min
 
-    def statistics(self, obs: Observations) -> tuple[np.ndarray, np.ndarray]:
+    def _validate_params(self) -> None:
+        check_choice(self.name, "mode", self.mode, MODES)
+        check_choice(self.name, "statistic", self.statistic, STATISTICS)
+        check_ratios(self.name, self.ratios)
+        check_bool(self.name, "calibrate", self.calibrate)
+        check_int(self.name, "per_sample_variance_min", self.per_sample_variance_min, 1)
+
+    @property
+    def calibration(self) -> str:
+        return "transductive" if self.calibrate else "shadow"
+
+    def uses_in_references(self) -> bool:
+        return self.mode == "online"
+
+    def statistics(self, X: Observations) -> tuple[np.ndarray, np.ndarray]:
         """``(stat [N], reference stats [M, N])``, median-centred per model if ``calibrate``."""
-        r = obs.ratio_indices(self.ratios)
-        stat = lira_statistic(obs.errors[:, r], self.statistic)
-        ref = lira_statistic(obs.reference_errors[:, :, r], self.statistic)
+        r = X.ratio_indices(self.ratios)
+        stat = lira_statistic(X.errors[:, r], self.statistic)
+        ref = lira_statistic(X.reference_errors[:, :, r], self.statistic)
         if self.calibrate:
             stat = stat - np.median(stat)
-            if self.mode == "offline":
-                ref = ref - out_medians(ref, ~obs.reference_in)[:, None]
-            else:
-                ref = ref - np.median(ref, axis=1, keepdims=True)
+            ref = ref - reference_levels(ref, X.reference_in, self.mode)
         return stat, ref
 
-    def _score(self, obs: Observations) -> np.ndarray:
-        stat, ref = self.statistics(obs)
-        member = obs.reference_in
-        mu_out, sd_out, n_out, pooled_out = _gaussian(ref, ~member, self.per_sample_variance_min)
-        mu_in, sd_in, n_in, pooled_in = _gaussian(ref, member, self.per_sample_variance_min)
+    def _score_samples(self, X: Observations) -> np.ndarray:
+        stat, ref = self.statistics(X)
+        member = X.reference_in
+        mu_out, sd_out, n_out, pooled_out = gaussian(ref, ~member, self.per_sample_variance_min)
+        mu_in, sd_in, n_in, pooled_in = gaussian(ref, member, self.per_sample_variance_min)
         both = (n_out > 0) & (n_in > 0)
         delta = float(np.mean(mu_out[both] - mu_in[both])) if both.any() else np.nan
 
@@ -184,20 +171,10 @@ class LiRA(Attack):
             pooled_in = pooled_out
         sd_in = np.where(n_in >= 2, sd_in, pooled_in)
         mu_in = impute(mu_in, mu_out - delta, "IN")
-        return _log_normal_pdf(stat, mu_in, sd_in) - _log_normal_pdf(stat, mu_out, sd_out)
+        return normal_logpdf(stat, mu_in, sd_in) - normal_logpdf(stat, mu_out, sd_out)
 
-    def _fit_threshold(self, shadow: Observations | None) -> float:
-        usable = (
-            shadow is not None
-            and shadow.labels is not None
-            and shadow.reference_errors is not None
-            and 0 < shadow.labels.sum() < len(shadow)
-        )
-        if usable and self.mode == "offline":
-            # With few reference models some adversary images were IN for all of them; the
-            # offline replay can only score the images that have an OUT reference.
-            shadow = shadow.subset(np.flatnonzero((~shadow.reference_in).any(axis=0)))
-            usable = 0 < shadow.labels.sum() < len(shadow)
-        if not usable:
+    def _fit_threshold(self, X: Observations, y: np.ndarray | None) -> float:
+        index = replay_subset(X, y, need_out=self.mode == "offline")
+        if index is None:
             return 0.0
-        return best_threshold(shadow.labels, self._score(shadow))
+        return best_threshold(y[index], self._score_samples(X.subset(index)))

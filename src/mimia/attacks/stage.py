@@ -1,122 +1,143 @@
-"""The attack stage: fit an attack on the shadow model, score the target, evaluate."""
+"""The attack stage: fit an attack on the adversary's data, score the target, evaluate."""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
-from mimia.attacks import build_attack
-from mimia.attacks.base import observations_from_errors
-from mimia.data.splits import SHADOW_ROLES, TARGET_ROLES
+from mimia.attacks.base import attack_class, build_attack, validate_entry
+from mimia.attacks.inputs import build_inputs
 from mimia.metrics import evaluate, roc_frame
 from mimia.provenance import provenance, read_metadata, write_parquet
+
+PathLike = str | os.PathLike
 
 
 def attack_stage(
     *,
-    errors,
-    manifest,
-    membership,
-    scores,
-    roc,
-    metrics,
-    decoder,
-    attack,
-    params,
-    metrics_config,
-    seed,
-    embeddings=(),
+    errors: PathLike | Sequence[PathLike],
+    manifest: PathLike,
+    membership: PathLike | Sequence[PathLike],
+    scores: PathLike,
+    roc: PathLike,
+    metrics: PathLike,
+    decoder: str,
+    attack: str,
+    params: dict | None,
+    metrics_config: dict,
+    seed: int,
+    embeddings: Sequence[PathLike] = (),
 ) -> dict:
-    errors_path, out_scores, out_roc, out_metrics, attack_name = (
-        errors,
-        scores,
-        roc,
-        metrics,
-        attack,
-    )
-    roles = pl.read_parquet(manifest).select("sample_id", "role")
-    mem = pl.concat([pl.read_parquet(p) for p in membership])
-    shadow_count = mem["model"].n_unique()
-    exp = {
-        "shadow": {"count": shadow_count},
-        "attacks": {attack: params},
-        "seed": seed,
-        "metrics": metrics_config,
-    }
-    table = pl.read_parquet(errors).join(roles, on="sample_id")
-    table = table.join(mem.rename({"is_in": "_in"}), on=["sample_id", "model"], how="left")
-    table = table.with_columns(
-        is_member=pl.when(pl.col("model") == "target")
-        .then(pl.col("role") == "target_member")
-        .otherwise(pl.col("_in").fill_null(False))
-    ).drop("_in")
-    """Fit ``attack_name`` on shadow0 (adversary data), score the target under ``decoder``.
+    """Fit result ``attack`` (config entry ``params``) on shadow0, score the target under
+    ``decoder``, and write the scores, the ROC and the metrics.
 
-    The shadow observations are shadow0's errors on the adversary's images with shadow1..N-1
-    as reference models; the target observations are the target's errors on the target roles
-    with every shadow model as a reference. Target labels are used only for evaluation.
+    ``mimia.attacks.inputs.build_inputs`` makes the data: shadow0's errors on the adversary's
+    images with shadow1..N-1 as reference models to fit on, the target's errors on the target
+    roles with every shadow model as a reference to score. Target labels (from the manifest)
+    are used only for evaluation. ``metrics_config``: the experiment's ``metrics`` section
+    (``n_bootstrap``, ``tpr_at_fpr``); ``seed`` seeds the bootstrap.
     """
-    errors = table
-    membership = mem
-    shadows = [f"shadow{i}" for i in range(exp["shadow"]["count"])]
-    shadow_obs = observations_from_errors(
-        errors.filter(pl.col("role").is_in(SHADOW_ROLES)),
-        "shadow0",
-        "released",
-        shadows[1:],
-        membership,
+    error_paths = _paths(errors)
+    manifest_sha = _manifest_sha256(error_paths, manifest)
+    observed = (
+        pl.concat([pl.scan_parquet(p) for p in error_paths])
+        .select(pl.col("mask_ratio").unique())
+        .collect()["mask_ratio"]
+        .to_list()
     )
-    target_obs = observations_from_errors(
-        errors.filter(pl.col("role").is_in(TARGET_ROLES)), "target", decoder, shadows, membership
+    kind, kwargs = validate_entry(attack, params, sorted(round(float(r), 6) for r in observed))
+    estimator = build_attack(kind, **kwargs)
+    needs = attack_class(kind).inputs | (attack_class(kind).fit_inputs or frozenset())
+    data = build_inputs(
+        pl.concat([pl.read_parquet(p) for p in error_paths]) if needs - {"similarities"} else None,
+        pl.read_parquet(manifest),
+        pl.concat([pl.read_parquet(p) for p in _paths(membership)]),
+        decoder,
+        needs=needs,
+        embeddings=pl.concat([pl.read_parquet(p) for p in embeddings]) if embeddings else None,
     )
-    if embeddings:
-        sims = pl.concat([pl.read_parquet(p) for p in embeddings])
-        for obs, model in ((shadow_obs, "shadow0"), (target_obs, "target")):
-            obs.embeddings_similarity = _similarities(sims, model, obs.sample_ids)
-    # A config entry names its attack, or is one: `classifier_mlp: {attack: classifier, ...}`.
-    params = dict(exp["attacks"][attack_name] or {})
-    attack = build_attack(params.pop("attack", attack_name), **params).fit(shadow_obs)
-    scores = attack.score(target_obs)
-    metrics = evaluate(
-        target_obs.labels,
-        scores,
-        threshold=attack.threshold,
-        n_bootstrap=exp["metrics"]["n_bootstrap"],
-        seed=exp["seed"],
-    )
+    estimator.fit(data.X_fit, data.y_fit)
+    values = estimator.score_samples(data.X_audit)
+    threshold = estimator.threshold_for(data.X_audit)
+    record = {
+        "decoder": decoder,
+        "attack": attack,
+        **evaluate(
+            data.y_audit,
+            values,
+            threshold=threshold,
+            n_bootstrap=int(metrics_config.get("n_bootstrap", 1000)),
+            seed=seed,
+            tpr_convention=metrics_config.get("tpr_at_fpr", "inclusive"),
+        ),
+        **threshold_conventions(estimator.calibration, data.y_audit.mean(), data.y_fit.mean()),
+    }
     meta = provenance(
-        seed=exp["seed"],
-        manifest_sha256=read_metadata(errors_path).get("manifest_sha256", ""),
-        attack=attack_name,
-        attack_params=params,
+        seed=seed,
+        manifest_sha256=manifest_sha,
+        attack=attack,
+        attack_kind=kind,
+        attack_params=kwargs,
         decoder=decoder,
     )
-    roles = dict(errors.select("sample_id", "role").unique().iter_rows())
     write_parquet(
         pl.DataFrame(
             {
-                "sample_id": target_obs.sample_ids,
-                "role": [roles[s] for s in target_obs.sample_ids],
-                "is_member": target_obs.labels,
-                "score": scores,
+                "sample_id": data.X_audit.sample_ids,
+                "role": data.audit_roles,
+                "is_member": data.y_audit,
+                "score": values,
             }
         ),
-        out_scores,
+        scores,
         meta,
     )
-    write_parquet(roc_frame(target_obs.labels, scores), out_roc, meta)
-    record = {"decoder": decoder, "attack": attack_name, **metrics}
-    Path(out_metrics).write_text(json.dumps(record, indent=2))
+    write_parquet(roc_frame(data.y_audit, values), roc, meta)
+    metrics = Path(metrics)
+    tmp = metrics.with_name(metrics.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, allow_nan=False))
+    os.replace(tmp, metrics)
     return record
 
 
-def _similarities(sims: pl.DataFrame, model: str, sample_ids) -> np.ndarray:
-    rows = sims.filter(pl.col("model") == model)
-    by_id = dict(zip(rows["sample_id"], rows["similarities"].to_list(), strict=True))
-    missing = [s for s in sample_ids if s not in by_id]
-    if missing:
-        raise ValueError(f"{len(missing)} samples lack {model} embeddings, e.g. {missing[:3]}")
-    return np.asarray([by_id[s] for s in sample_ids], dtype=np.float64)
+def threshold_conventions(calibration: str, audit_fraction: float, fit_fraction: float) -> dict:
+    """What the decision threshold (and so balanced accuracy) rests on, for ``metrics.json``."""
+    notes = {
+        "shadow": "threshold chosen on the adversary's data; scores independent of the audit set",
+        "transductive": (
+            "scores or threshold use statistics of the audit set itself: balanced accuracy "
+            "assumes the audit set's member fraction matches the adversary's"
+        ),
+        "fixed": "constant threshold",
+    }
+    return {
+        "threshold_calibration": calibration,
+        "threshold_note": notes[calibration],
+        "audit_member_fraction": float(audit_fraction),
+        "fit_member_fraction": float(fit_fraction),
+    }
+
+
+def _paths(value: PathLike | Sequence[PathLike]) -> list[PathLike]:
+    paths = [value] if isinstance(value, str | os.PathLike) else list(value)
+    if not paths:
+        raise ValueError("no input files given")
+    return paths
+
+
+def _manifest_sha256(error_paths: Sequence[PathLike], manifest: PathLike) -> str:
+    """The split every input names; ValueError when error tables and manifest disagree."""
+    shas = {read_metadata(p).get("manifest_sha256") for p in error_paths} - {None, ""}
+    if len(shas) > 1:
+        raise ValueError(f"error tables come from different splits: manifest_sha256 {sorted(shas)}")
+    own = read_metadata(manifest).get("manifest_sha256")
+    if shas and own and own not in shas:
+        raise ValueError(
+            f"error table {error_paths[0]} was computed on split {shas.pop()[:12]}..., but the "
+            f"manifest {manifest} is split {own[:12]}..."
+        )
+    return next(iter(shas), own or "")

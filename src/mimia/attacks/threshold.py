@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mimia.attacks.base import Attack, Observations, register, select_errors
+from mimia.attacks.base import Attack, check_ratios, register
+from mimia.attacks.data import Observations
 
 
 @register
@@ -18,8 +19,10 @@ class ThresholdAttack(Attack):
     name = "threshold"
 
     def __init__(self, ratios: Sequence[float] | float | None = None) -> None:
-        super().__init__(ratios=ratios)
         self.ratios = ratios
 
-    def _score(self, obs: Observations) -> np.ndarray:
-        return -select_errors(obs, self.ratios).mean(axis=(1, 2))
+    def _validate_params(self) -> None:
+        check_ratios(self.name, self.ratios)
+
+    def _score_samples(self, X: Observations) -> np.ndarray:
+        return -X.errors[:, X.ratio_indices(self.ratios)].mean(axis=(1, 2))
