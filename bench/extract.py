@@ -98,10 +98,19 @@ class SmoothSource:
 def write_shards(folder: Path, name: str, n: int, shard_size: int, img_size: int, seed: int):
     """``ceil(n / shard_size)`` shards of ``n`` images, mimia's format, one role per shard."""
     import polars as pl
+    from PIL import Image
 
     from mimia.data.shards import write_tar_shard
+    from mimia.data.sources import ImageSource, pixel_sha256
 
-    source = SmoothSource(seed)
+    smooth = SmoothSource(seed)
+    source = ImageSource(
+        "smooth",
+        [str(i) for i in range(n)],
+        None,
+        lambda i: Image.fromarray(smooth.image(i, img_size)),
+        lambda i: "generated",
+    )
     paths = []
     for s, start in enumerate(range(0, n, shard_size)):
         idx = list(range(start, min(n, start + shard_size)))
@@ -109,6 +118,8 @@ def write_shards(folder: Path, name: str, n: int, shard_size: int, img_size: int
             {
                 "sample_id": [f"{name}-{i:06d}" for i in idx],
                 "source_index": idx,
+                "key": [str(i) for i in idx],
+                "content_sha256": [pixel_sha256(smooth.image(i, img_size)) for i in idx],
                 "label": [i % 10 for i in idx],
                 "role": [ROLES[s % len(ROLES)]] * len(idx),
             }

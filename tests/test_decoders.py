@@ -33,7 +33,7 @@ def test_attach_decoder_refuses_mismatched_widths(tiny_spec):
 def test_adaptation_freezes_the_target_encoder_and_reads_only_adversary_data(tiny_spec, tmp_path):
     src = load_source({"name": "digits"})
     sizes = dict.fromkeys(ROLES, 16)
-    manifest = split_roles(len(src), sizes, 0, "digits", src.labels)
+    manifest = split_roles(src.keys, src.content_hashes(), src.labels, sizes, 0, "digits")
     manifest_path = tmp_path / "manifest.parquet"
     write_parquet(manifest, manifest_path, {"manifest_sha256": manifest_hash(manifest)})
     shards = {}

@@ -22,7 +22,7 @@ def shard(tmp_path_factory):
         "shadow_member": 10,
         "shadow_nonmember": 10,
     }
-    manifest = split_roles(len(src), sizes, 0, "digits", src.labels)
+    manifest = split_roles(src.keys, src.content_hashes(), src.labels, sizes, 0, "digits")
     path = tmp_path_factory.mktemp("shards") / "target_member-000000.tar"
     write_tar_shard(manifest.filter(pl.col("role") == "target_member"), src, 16, path)
     return path

@@ -10,6 +10,7 @@ adversary image is IN for some and OUT for others.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +23,38 @@ SHADOW_ROLES = ROLES[2:]
 MANIFEST_SCHEMA = {
     "sample_id": pl.String,
     "source_index": pl.Int64,
+    "key": pl.String,
+    "content_sha256": pl.String,
     "label": pl.Int64,
     "role": pl.String,
 }
 
 
+def duplicate_groups(hashes: Sequence[str]) -> list[list[int]]:
+    """Indices of images with identical content, in source order; groups of two or more."""
+    by_hash: dict[str, list[int]] = {}
+    for i, h in enumerate(hashes):
+        by_hash.setdefault(h, []).append(i)
+    return sorted((g for g in by_hash.values() if len(g) > 1), key=lambda g: g[0])
+
+
 def split_roles(
-    num_available: int,
+    keys: Sequence[str],
+    hashes: Sequence[str],
+    labels: np.ndarray,
     sizes: dict[str, int],
     seed: int,
     dataset: str,
-    labels: np.ndarray,
+    *,
+    exclude: Collection[int] = (),
     shadow_classes: list[int] | None = None,
 ) -> pl.DataFrame:
-    """Assign disjoint random subsets of ``range(num_available)`` to the roles.
+    """Assign disjoint random subsets of the source's images to the roles.
 
-    ``shadow_classes`` restricts the adversary's roles to those labels: a distribution shift
-    between the adversary's data and the target's (the paper's relaxed-knowledge setting).
+    ``exclude`` (indices, e.g. duplicate copies) never enters a role. ``shadow_classes``
+    restricts the adversary's roles to those labels: a distribution shift between the
+    adversary's data and the target's (the paper's relaxed-knowledge setting). Copies of one
+    image in different roles are refused.
     """
     unknown = set(sizes) - set(ROLES)
     if unknown:
@@ -46,13 +62,16 @@ def split_roles(
     for role in ROLES:
         if sizes.get(role, 0) < 1:
             raise ValueError(f"split size of {role!r} must be >= 1, got {sizes.get(role)}")
+    pool = np.setdiff1d(np.arange(len(keys)), np.fromiter(exclude, np.int64, len(exclude)))
     total = sum(sizes[r] for r in ROLES)
-    if total > num_available:
+    if total > len(pool):
+        dropped = f" after dropping {len(exclude)} duplicate copies" if len(exclude) else ""
         raise ValueError(
             f"split asks for {total} images ({', '.join(f'{r}={sizes[r]}' for r in ROLES)}) "
-            f"but dataset {dataset!r} has only {num_available}"
+            f"but dataset {dataset!r} has only {len(pool)}{dropped}"
         )
-    order = np.random.default_rng(seed).permutation(num_available)
+    # Without exclusions the pool is range(n): the same draw as before duplicates were handled.
+    order = pool[np.random.default_rng(seed).permutation(len(pool))]
     n_target = sizes["target_member"] + sizes["target_nonmember"]
     if shadow_classes is not None:
         rest = order[n_target:]
@@ -68,20 +87,29 @@ def split_roles(
     for role in ROLES:
         idx = np.sort(order[start : start + sizes[role]])
         start += sizes[role]
-        frames.append(
-            pl.DataFrame(
-                {
-                    "sample_id": [f"{dataset}-{i:07d}" for i in idx],
-                    "source_index": idx.astype(np.int64),
-                    "label": labels[idx].astype(np.int64),
-                    "role": [role] * len(idx),
-                },
-                schema=MANIFEST_SCHEMA,
-            )
-        )
+        frames.append(_rows(idx, role, keys, [hashes[i] for i in idx], labels, dataset))
     manifest = pl.concat(frames)
     check_manifest(manifest, sizes)
+    check_duplicates_across_roles(
+        manifest,
+        "the split",
+        "set split.dedupe: true (keeps the first copy) or remove the copies from the dataset",
+    )
     return manifest
+
+
+def _rows(idx, roles, keys, hashes, labels, dataset) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "sample_id": [f"{dataset}-{i:07d}" for i in idx],
+            "source_index": np.asarray(idx, dtype=np.int64),
+            "key": [keys[i] for i in idx],
+            "content_sha256": list(hashes),
+            "label": labels[idx].astype(np.int64),
+            "role": [roles] * len(idx) if isinstance(roles, str) else list(roles),
+        },
+        schema=MANIFEST_SCHEMA,
+    )
 
 
 def read_assignment(path: str | Path) -> pl.DataFrame:
@@ -106,43 +134,75 @@ def read_assignment(path: str | Path) -> pl.DataFrame:
 
 
 def assigned_roles(
-    assignment: pl.DataFrame, keys: list[str], dataset: str, labels: np.ndarray
+    assignment: pl.DataFrame,
+    keys: Sequence[str],
+    labels: np.ndarray,
+    dataset: str,
+    content_sha256: Callable[[int], str],
 ) -> pl.DataFrame:
-    """The manifest of a given assignment (the auditor knows the encoder's training images)."""
+    """The manifest of a given assignment (the auditor knows the encoder's training images).
+
+    Only the assigned images are hashed; identical images in different roles are refused.
+    """
     index = {k: i for i, k in enumerate(keys)}
     unknown = [k for k in assignment["key"] if k not in index]
     if unknown:
         raise ValueError(
             f"{len(unknown)} keys of the role assignment are not in dataset {dataset!r}, "
-            f"e.g. {unknown[:3]} (keys look like {keys[:2]})"
+            f"e.g. {unknown[:3]} (keys look like {list(keys[:2])})"
         )
     idx = np.array([index[k] for k in assignment["key"]], dtype=np.int64)
-    manifest = pl.DataFrame(
-        {
-            "sample_id": [f"{dataset}-{i:07d}" for i in idx],
-            "source_index": idx,
-            "label": labels[idx].astype(np.int64),
-            "role": assignment["role"],
-        },
-        schema=MANIFEST_SCHEMA,
-    ).sort("role", "sample_id")
+    hashes = [content_sha256(int(i)) for i in idx]
+    manifest = _rows(idx, assignment["role"], keys, hashes, labels, dataset)
+    manifest = manifest.sort("role", "sample_id")
     counts = dict(manifest.group_by("role").len().iter_rows())
     check_manifest(manifest, {role: counts.get(role, 0) for role in ROLES})
     empty = [role for role in ROLES if not counts.get(role)]
     if empty:
         raise ValueError(f"role assignment leaves roles {empty} empty")
+    check_duplicates_across_roles(
+        manifest,
+        "the role assignment",
+        "give every copy the same role or remove the copies from the dataset",
+    )
     return manifest
 
 
 def check_manifest(manifest: pl.DataFrame, sizes: dict[str, int]) -> None:
     """Fail loudly on overlapping roles or a role smaller than asked."""
-    dup = manifest.filter(pl.col("source_index").is_duplicated())
-    if dup.height:
-        raise ValueError(f"roles overlap on {dup.height} rows, e.g. {dup.head(3).to_dicts()}")
+    for column in ("source_index", "key"):
+        dup = manifest.filter(pl.col(column).is_duplicated())
+        if dup.height:
+            raise ValueError(f"roles overlap on {dup.height} rows, e.g. {dup.head(3).to_dicts()}")
     counts = dict(manifest.group_by("role").len().iter_rows())
     for role in ROLES:
         if counts.get(role, 0) != sizes[role]:
             raise ValueError(f"role {role!r} has {counts.get(role, 0)} images, asked {sizes[role]}")
+
+
+def check_duplicates_across_roles(manifest: pl.DataFrame, what: str, hint: str) -> None:
+    """Refuse identical images (same ``content_sha256``) in different roles, naming both keys."""
+    multi = (
+        manifest.sort("key")
+        .group_by("content_sha256", maintain_order=True)
+        .agg(pl.col("role").n_unique().alias("n_roles"), pl.col("key"), pl.col("role"))
+        .filter(pl.col("n_roles") > 1)
+    )
+    if multi.height:
+        examples = "; ".join(
+            " = ".join(f"{k!r} ({r})" for k, r in zip(keys, roles, strict=True))
+            for keys, roles in multi.select("key", "role").head(3).iter_rows()
+        )
+        raise ValueError(
+            f"{what} puts identical images in different roles ({multi.height} images), e.g. "
+            f"{examples}: a member and a non-member would be the same picture; {hint}"
+        )
+
+
+def manifest_rows_sha256(manifest: pl.DataFrame) -> str:
+    """SHA-256 of every manifest column, rows sorted by ``sample_id`` (the manifest's content)."""
+    rows = manifest.select(*MANIFEST_SCHEMA).sort("sample_id").iter_rows()
+    return hashlib.sha256("\n".join(",".join(map(str, r)) for r in rows).encode()).hexdigest()
 
 
 def manifest_hash(manifest: pl.DataFrame) -> str:
