@@ -70,8 +70,9 @@ def test_merge_rules_empty_mapping_clears_list_replaces_null_restores_default():
     exps = resolve_experiments(config)
     assert exps["vit-tiny"]["model"]["encoder_overrides"] == {}
     assert exps["one-ratio"]["extract"]["mask_ratios"] == [0.9]
-    assert exps["default-model"]["model"]["encoder_overrides"] == (
-        schema_defaults("model")["encoder_overrides"]
+    assert (
+        exps["default-model"]["model"]["encoder_overrides"]
+        == (schema_defaults("model")["encoder_overrides"])
     )
 
 
@@ -99,7 +100,11 @@ def test_readme_example_configs_train_the_models_they_describe():
         32,
     )
     encoder = build_vit_encoder(vit_s)
-    assert (encoder.embed_dim, len(encoder.blocks), encoder.blocks[0].attn.num_heads) == (384, 12, 6)
+    assert (encoder.embed_dim, len(encoder.blocks), encoder.blocks[0].attn.num_heads) == (
+        384,
+        12,
+        6,
+    )
     assert specs["digits-mae"].encoder_overrides == {"depth": 4, "embed_dim": 64, "num_heads": 4}
     assert specs["digits-simmim"].recipe == "simmim"
 
@@ -194,7 +199,9 @@ def test_encoder_only_target_cannot_use_the_released_decoder():
 
 def test_online_attacks_switch_the_reference_models_to_online_training():
     cfg = default_config()
-    cfg["experiments"]["online"] = {"attacks": {"lira_online": {"attack": "lira", "mode": "online"}}}
+    cfg["experiments"]["online"] = {
+        "attacks": {"lira_online": {"attack": "lira", "mode": "online"}}
+    }
     exps = resolve_experiments(cfg)
     assert exps["online"]["shadow"]["online"] is True
     assert exps["digits-mae"]["shadow"]["online"] is False

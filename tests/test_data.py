@@ -208,9 +208,7 @@ def test_stage_api_writes_membership_and_reproducible_shards(digits, tmp_path):
     assert membership.equals(everyone.filter(pl.col("model") == "shadow2"))
     # A model's half does not depend on how many models there are.
     assert membership.equals(
-        shadow_membership(manifest, 5, 0, include_targets=True).filter(
-            pl.col("model") == "shadow2"
-        )
+        shadow_membership(manifest, 5, 0, include_targets=True).filter(pl.col("model") == "shadow2")
     )
     meta = read_metadata(tmp_path / "s")
     assert (meta["seed"], meta["manifest_sha256"]) == ("0", manifest_hash(manifest))

@@ -13,7 +13,9 @@ def _images(n=32, seed=0):
 
 
 def test_lr_schedule_is_maes():
-    cfg = TrainConfig(epochs=10, warmup_epochs=2, blr=1e-3, batch_size=128, min_lr=1e-5)
+    cfg = TrainConfig.from_section(
+        {"epochs": 10, "warmup_epochs": 2, "blr": 1e-3, "batch_size": 128, "min_lr": 1e-5}
+    )
     assert cfg.lr == pytest.approx(5e-4)
     assert lr_at(0.0, cfg) == 0.0
     assert lr_at(1.0, cfg) == pytest.approx(2.5e-4)
@@ -28,15 +30,19 @@ def test_training_lowers_the_loss(tiny_spec):
     torch.manual_seed(0)
     model = build_model(tiny_spec)
     hist = train_mim(
-        model, _images(), TrainConfig(epochs=8, batch_size=8, blr=1e-2, warmup_epochs=1)
+        model,
+        _images(),
+        TrainConfig.from_section({"epochs": 8, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 1}),
     )
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert [h["epoch"] for h in hist] == list(range(8))
 
 
 def test_killed_then_resumed_training_equals_uninterrupted(tiny_spec, tmp_path):
-    cfg = TrainConfig(
-        epochs=6, batch_size=8, blr=1e-2, warmup_epochs=1, checkpoint_every=2, augment=True, seed=3
+    cfg = TrainConfig.from_section(
+        {"epochs": 6, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 1, "checkpoint_every": 2}
+        | {"augment": True},
+        seed=3,
     )
     images = _images()
 
@@ -64,7 +70,9 @@ def test_killed_then_resumed_training_equals_uninterrupted(tiny_spec, tmp_path):
 
 
 def test_stale_resume_file_is_ignored(tiny_spec, tmp_path):
-    cfg = TrainConfig(epochs=2, batch_size=8, warmup_epochs=1, checkpoint_every=1)
+    cfg = TrainConfig.from_section(
+        {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "checkpoint_every": 1}
+    )
     resume = tmp_path / "resume.pt"
     train_mim(build_model(tiny_spec), _images(), cfg, resume_path=resume, fingerprint="old")
     hist = train_mim(build_model(tiny_spec), _images(), cfg, resume_path=resume, fingerprint="new")
@@ -80,7 +88,10 @@ spec = ModelSpec.from_dict(__import__("json").loads(sys.argv[1]))
 images = torch.load(sys.argv[2], weights_only=True)
 torch.manual_seed(0)
 model = build_model(spec)
-cfg = TrainConfig(epochs=40, batch_size=8, blr=1e-2, warmup_epochs=2, checkpoint_every=1, seed=5)
+cfg = TrainConfig.from_section(
+    {"epochs": 40, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 2, "checkpoint_every": 1},
+    seed=5,
+)
 train_mim(model, images, cfg, resume_path=sys.argv[3], fingerprint="f")
 torch.save(model.state_dict(), sys.argv[4])
 """

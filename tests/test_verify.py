@@ -141,8 +141,8 @@ def test_untouched_results_verify(results):
     shard = next(ln for ln in ok if shard_path("target_member") in ln)
     assert "matches 1 records" in shard and "8 samples agree with the manifest" in shard
     manifest = next(ln for ln in ok if "data/manifest.parquet" in ln)
-    # Recorded by the membership table, two sidecars, two error tables, errors.parquet.
-    assert "matches 6 records" in manifest
+    # Recorded by two membership tables, two sidecars, two error tables, errors.parquet.
+    assert "matches 7 records" in manifest
     assert not lines_of(out, "MISMATCH")
     # From elsewhere: paths resolve against the experiment folder's grandparent.
     elsewhere = root / "elsewhere"
@@ -202,7 +202,7 @@ def test_an_edited_manifest_is_a_mismatch(results):
     assert rc == 1, out
     [line] = [ln for ln in lines_of(out, "MISMATCH") if "data/manifest.parquet" in ln]
     assert f"manifest_sha256 recorded {meta['manifest_sha256']} in its own metadata" in line
-    assert f"by {EXP}/data/shadow_membership.parquet" in line
+    assert f"by {EXP}/data/membership/shadow0.parquet" in line
     # The shards still carry the roles the split gave: they disagree with the edited manifest.
     [shard] = [ln for ln in lines_of(out, "MISMATCH") if shard_path("target_member") in ln]
     assert "samples disagree with the manifest" in shard

@@ -50,4 +50,3 @@ __all__ = [
     "requires_embeddings",
     "validate_entry",
 ]
-
