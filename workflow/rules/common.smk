@@ -81,7 +81,8 @@ def pretrain_inputs(wildcards):
     lay = Layout(RESULTS, e)
     if model == "target":
         return {"manifest": lay.manifest, "shards": shard_files(e, ["target_member"])}
-    online = EXPERIMENTS[e]["shadow"]["online"]
+    # shadow0 is the paper's shadow model, trained on shadow_member whatever the mode.
+    online = EXPERIMENTS[e]["shadow"]["online"] and model != "shadow0"
     roles = list(SHADOW_ROLES) + (list(TARGET_ROLES) if online else [])
     return {
         "manifest": lay.manifest,

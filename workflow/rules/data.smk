@@ -44,7 +44,7 @@ rule membership:
     params:
         model=lambda wc: wc.model,
         seed=from_exp(lambda e, wc: e["seed"]),
-        online=from_exp(lambda e, wc: e["shadow"]["online"]),
+        online=from_exp(lambda e, wc: e["shadow"]["online"] and wc.model != "shadow0"),
     script:
         STAGE
 
