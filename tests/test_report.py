@@ -16,6 +16,7 @@ def _attack_outputs(tmp_path, decoder, attack, shift, seed):
     folder = tmp_path / "attacks" / decoder
     folder.mkdir(parents=True, exist_ok=True)
     metrics = {"decoder": decoder, "attack": attack, **evaluate(labels, scores, n_bootstrap=100)}
+    metrics |= {"manifest_sha256": "f" * 64, "mimia_version": "test"}
     (folder / f"{attack}.json").write_text(json.dumps(metrics))
     write_parquet(
         pl.DataFrame({"score": scores}),

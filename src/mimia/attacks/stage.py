@@ -9,6 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
+import mimia
 from mimia.attacks.base import attack_class, build_attack, validate_entry
 from mimia.attacks.inputs import build_inputs
 from mimia.metrics import evaluate, roc_frame
@@ -75,6 +76,8 @@ def attack_stage(
             tpr_convention=metrics_config.get("tpr_at_fpr", "inclusive"),
         ),
         **threshold_conventions(estimator.calibration, data.y_audit.mean(), data.y_fit.mean()),
+        "manifest_sha256": manifest_sha,
+        "mimia_version": mimia.__version__,
     }
     meta = provenance(
         seed=seed,

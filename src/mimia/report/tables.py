@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from mimia.provenance import provenance, read_metadata, write_parquet
+from mimia.provenance import provenance, write_parquet
 
 HEADLINE = ["auc", "tpr_at_fpr_0.001", "tpr_at_fpr_0.01", "tpr_at_fpr_0.1", "balanced_accuracy"]
 
@@ -32,12 +32,14 @@ def experiment_metrics(
             ablation_order=pl.lit(ablation["order"]),
         )
     df = df.select("experiment", "decoder", "attack", pl.exclude("experiment", "decoder", "attack"))
-    meta = read_metadata(Path(metric_files[0]).with_suffix(".parquet"))
+    split = {r.get("manifest_sha256") for r in rows}
+    if len(split) != 1:
+        raise ValueError(f"experiment {experiment!r}: attacks ran on different splits {split}")
     info = {
         "experiment": experiment,
         "seed": seed,
-        "manifest_sha256": meta.get("manifest_sha256"),
-        "mimia_version": meta.get("mimia_version"),
+        "manifest_sha256": rows[0].get("manifest_sha256"),
+        "mimia_version": rows[0].get("mimia_version"),
         "ablation": ablation,
         "results": rows,
     }
