@@ -49,29 +49,20 @@ def manifest(
     write_manifest(dataset=dataset, split=split, seed=seed, manifest=manifest)
 
 
-def membership(*, manifest: PathLike, membership: PathLike, model: str, seed: int, online: bool):
-    """Which adversary images train shadow model ``model`` (one file per model, so adding a
-    reference model leaves the others' files, and the models trained on them, untouched)."""
+def membership(**kwargs) -> None:
+    """Which adversary images train one shadow model: one file per model, so adding a
+    reference model leaves the others' files, and the models trained on them, untouched (see
+    :func:`mimia.data.prepare.write_membership`, whose keyword arguments are the rule's)."""
     from mimia.data.prepare import write_membership
 
-    write_membership(
-        manifest=manifest, model=model, online=online, seed=seed, membership=membership
-    )
+    write_membership(**kwargs)
 
 
-def shard(
-    *, manifest: PathLike, shard: PathLike, dataset: dict, shard_size: int, role: str, index: int
-) -> None:
+def shard(**kwargs) -> None:
+    """One webdataset shard of one role (:func:`mimia.data.prepare.write_shard`)."""
     from mimia.data.prepare import write_shard
 
-    write_shard(
-        dataset=dataset,
-        shard_size=shard_size,
-        manifest=manifest,
-        role=role,
-        index=index,
-        shard=shard,
-    )
+    write_shard(**kwargs)
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -329,37 +320,12 @@ def embed(
 
 
 # -- attacks ------------------------------------------------------------------------------------
-def attack(
-    *,
-    errors: PathLike,
-    manifest: PathLike,
-    membership: Sequence[PathLike],
-    scores: PathLike,
-    roc: PathLike,
-    metrics: PathLike,
-    decoder: str,
-    attack: str,
-    params: dict | None,
-    metrics_config: dict,
-    seed: int,
-    embeddings: Sequence[PathLike] = (),
-) -> None:
+def attack(**kwargs) -> None:
+    """Fit one attack on the adversary's data and score the target under one decoder: see
+    :func:`mimia.attacks.stage.attack_stage`, whose keyword arguments are the rule's."""
     from mimia.attacks.stage import attack_stage
 
-    attack_stage(
-        errors=errors,
-        manifest=manifest,
-        membership=list(membership),
-        scores=scores,
-        roc=roc,
-        metrics=metrics,
-        decoder=decoder,
-        attack=attack,
-        params=params,
-        metrics_config=metrics_config,
-        seed=seed,
-        embeddings=list(embeddings),
-    )
+    attack_stage(**kwargs)
 
 
 # -- report -------------------------------------------------------------------------------------
