@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader
 from mimia.data.shards import shard_dataset
 from mimia.masking import deterministic_masks
 from mimia.models.base import MIMModel
+from mimia.storage import atomic_path
 
 # No role or membership label: an error table says how well a model reconstructs an image,
 # nothing about the image's role. Labels are joined from the manifest at attack time, so that
@@ -113,12 +113,9 @@ def extract_shard(
     metadata: dict[str, str] | None = None,
 ) -> int:
     """Write one shard's long-format error table; returns the number of rows."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
     schema = ERROR_SCHEMA.with_metadata(metadata or {})
     rows = 0
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for ids, imgs, _ in shard_loader([shard], batch_size, num_workers):
             for ratio in mask_ratios:
                 res = score_batch(model, imgs, ids, seed, ratio, num_masks)
@@ -133,7 +130,6 @@ def extract_shard(
                 table |= {name: v.reshape(-1).numpy() for name, v in res.items()}
                 writer.write_batch(pa.RecordBatch.from_pydict(table, schema=schema))
                 rows += b * num_masks
-    os.replace(tmp, out_path)
     return rows
 
 

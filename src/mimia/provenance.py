@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -17,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import mimia
+from mimia.storage import atomic_path
 
 
 def provenance(**fields: Any) -> dict[str, str]:
@@ -70,17 +70,11 @@ def cpu_model() -> str:
 
 
 def write_parquet(df: pl.DataFrame | pa.Table, path: str | Path, metadata: dict[str, str]) -> None:
-    """zstd Parquet with ``metadata`` in the schema, written to a temp file then renamed."""
+    """zstd Parquet with ``metadata`` in the schema, written atomically."""
     table = df.to_arrow() if isinstance(df, pl.DataFrame) else df
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

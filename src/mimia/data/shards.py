@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ import polars as pl
 from PIL import Image
 
 from mimia.data.sources import ImageDecodeError, ImageSource, pixel_sha256, resize
+from mimia.storage import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -70,19 +70,13 @@ def write_tar_shard(rows: pl.DataFrame, source: ImageSource, img_size: int, path
             f"from the manifest (the dataset changed after the split):\n{examples}\n"
             f"Rerun the split so the manifest describes the dataset as it is now."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for row, png in encoded:
-                files = {"cls": str(row["label"]).encode(), "json": json.dumps(row).encode()}
-                for ext, data in sorted({**files, "png": png}.items()):
-                    info = tarfile.TarInfo(f"{row['sample_id']}.{ext}")
-                    info.size, info.mode = len(data), 0o444
-                    tar.addfile(info, io.BytesIO(data))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for row, png in encoded:
+            files = {"cls": str(row["label"]).encode(), "json": json.dumps(row).encode()}
+            for ext, data in sorted({**files, "png": png}.items()):
+                info = tarfile.TarInfo(f"{row['sample_id']}.{ext}")
+                info.size, info.mode = len(data), 0o444
+                tar.addfile(info, io.BytesIO(data))
 
 
 def _decode(sample: dict) -> tuple[str, torch.Tensor, str]:
