@@ -8,6 +8,8 @@ another model's encoder (the encoder-only threat model).
 
 from __future__ import annotations
 
+from functools import partial
+
 import timm
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ def build_vit_encoder(spec: ModelSpec) -> nn.Module:
         num_classes=0,
         global_pool="token",
         class_token=True,
+        norm_layer=layer_norm(spec),
         **spec.encoder_overrides,
     )
     if not hasattr(vit, "blocks") or vit.cls_token is None:
@@ -34,6 +37,11 @@ def build_vit_encoder(spec: ModelSpec) -> nn.Module:
     pos = sincos_2d(vit.embed_dim, spec.grid_size, cls_token=True)
     vit.pos_embed = nn.Parameter(torch.from_numpy(pos).float().unsqueeze(0), requires_grad=False)
     return vit
+
+
+def layer_norm(spec: ModelSpec) -> partial[nn.LayerNorm]:
+    """Every LayerNorm of a model: the epsilon is part of the function, not of the weights."""
+    return partial(nn.LayerNorm, eps=spec.norm_eps)
 
 
 def init_weights_like_mae(module: nn.Module) -> None:

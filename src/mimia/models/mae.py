@@ -6,7 +6,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mimia.models.base import MIMModel, build_vit_encoder, init_weights_like_mae
+from mimia.models.base import MIMModel, build_vit_encoder, init_weights_like_mae, layer_norm
 from mimia.models.pos_embed import sincos_2d
 from mimia.models.spec import ModelSpec
 
@@ -21,11 +21,12 @@ class MAEDecoder(nn.Module):
         self.decoder_pos_embed = nn.Parameter(
             torch.from_numpy(pos).float().unsqueeze(0), requires_grad=False
         )
+        norm = layer_norm(spec)
         self.decoder_blocks = nn.ModuleList(
-            Block(dim, spec.decoder_num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=_layer_norm)
+            Block(dim, spec.decoder_num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
             for _ in range(spec.decoder_depth)
         )
-        self.decoder_norm = _layer_norm(dim)
+        self.decoder_norm = norm(dim)
         self.decoder_pred = nn.Linear(dim, spec.patch_size**2 * spec.in_chans)
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -38,10 +39,6 @@ class MAEDecoder(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
-
-
-def _layer_norm(dim: int, **kwargs) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=1e-6, **kwargs)
 
 
 def shuffle_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
