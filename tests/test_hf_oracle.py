@@ -154,16 +154,38 @@ def _edit_config(folder, **changes):
 def test_hf_config_checks(tmp_path):
     _, folder = _hf_model(tmp_path)
     _edit_config(folder, layer_norm_eps=1e-12)  # what facebook/vit-mae-* configs say
-    with pytest.warns(UserWarning, match="layer_norm_eps is 1e-12"):
-        _, info = import_hf_vitmae(folder)
-    assert info["hf_layer_norm_eps"] == 1e-12
-    _edit_config(folder, layer_norm_eps=1e-5)
-    with pytest.raises(ValueError, match="layer_norm_eps 1e-05 cannot be represented"):
-        import_hf_vitmae(folder)
+    model, info = import_hf_vitmae(folder)
+    assert model.spec.norm_eps == 1e-12
+    assert info["spec_sources"]["norm_eps"] == "config.json layer_norm_eps"
+    assert all(m.eps == 1e-12 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
     _edit_config(folder, layer_norm_eps=1e-6, hidden_act="gelu_new")
     with pytest.raises(ValueError, match="hidden_act 'gelu_new'"):
         import_hf_vitmae(folder)
     assert hf_spec({"image_size": [32, 32], "patch_size": 4, "layer_norm_eps": 1e-6}).img_size == 32
+    # A key config.json leaves out takes ViTMAEConfig's default, as transformers reads it.
+    assert hf_spec({}).norm_eps == transformers.ViTMAEConfig().layer_norm_eps
+    # Pixel statistics live outside HF models: a preprocessor config states them.
+    _edit_config(folder, hidden_act="gelu")
+    stats = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(stats))
+    model, info = import_hf_vitmae(folder)
+    assert (model.spec.mean, model.spec.std) == ((0.5,) * 3, (0.25,) * 3)
+    assert info["spec_sources"]["mean"].startswith("preprocessor_config.json")
+    with pytest.raises(ValueError, match=r"preprocessor_config.json says image_mean \[0.5"):
+        import_hf_vitmae(folder, mean=(0.4, 0.4, 0.4), std=(0.25,) * 3)
+
+
+def test_imported_hf_model_with_other_layer_norm_eps_matches_huggingface(tmp_path):
+    """layer_norm_eps is the model's norm_eps exactly, so the oracle agrees at any eps."""
+    hf, folder = _hf_model(tmp_path, layer_norm_eps=1e-2)
+    model, _ = import_hf_vitmae(folder)
+    assert model.spec.norm_eps == 1e-2
+    pixel_values, noise, imgs = _inputs(model.spec)
+    mask = mask_from_noise(noise, MASK_RATIO)
+    with torch.no_grad():
+        out = hf(pixel_values=pixel_values, noise=noise)
+        _, pred = model(imgs, mask)
+    torch.testing.assert_close(pred, out.logits, rtol=0, atol=1e-5)
 
 
 def test_hf_legacy_decoder_names_and_bin_weights(tmp_path):

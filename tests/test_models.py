@@ -1,14 +1,17 @@
 """MAE and SimMIM against hand computations; deterministic masks; spec checks; save/load."""
 
+import json
 from dataclasses import replace
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 from mimia.masking import deterministic_masks, num_masked, random_masks
 from mimia.models import MAE, ModelSpec, SimMIM, build_model
 from mimia.models.checkpoint import load_model, save_model
+from mimia.models.spec import TIMM_VITS, architecture, spec_differences
 
 B = 4
 
@@ -188,3 +191,59 @@ def test_spec_rejects_bad_patch_sizes():
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="unknown model spec keys"):
         ModelSpec.from_dict({**spec.to_dict(), "depth": 3})
+
+
+def test_sidecars_from_before_norm_eps_load_with_timms_default(tiny_spec, tmp_path):
+    model = _model(tiny_spec)
+    path = tmp_path / "model.safetensors"
+    save_model(model, path)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    del sidecar["spec"]["norm_eps"]
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    loaded = load_model(path)
+    assert loaded.spec.norm_eps == 1e-6 and loaded.spec == tiny_spec
+    imgs, mask = _batch(tiny_spec)
+    with torch.no_grad():
+        assert torch.equal(model(imgs, mask)[0], loaded(imgs, mask)[0])
+    with pytest.raises(ValueError, match="norm_eps must be positive"):
+        replace(tiny_spec, norm_eps=0.0)
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_VITS))
+def test_timm_vit_sizes_are_timms(name):
+    """spec.architecture's table of timm sizes, against timm's own models (meta: no memory)."""
+    with torch.device("meta"):
+        vit = timm.create_model(name, pretrained=False, num_classes=0)
+    expected = architecture(ModelSpec(encoder=name))
+    assert vit.embed_dim == expected["embed_dim"]
+    assert len(vit.blocks) == expected["depth"]
+    assert vit.blocks[0].attn.num_heads == expected["num_heads"]
+    assert vit.blocks[0].mlp.fc1.out_features == expected["mlp_ratio"] * vit.embed_dim
+    assert (vit.blocks[0].attn.qkv.bias is not None) == expected["qkv_bias"]
+
+
+def test_spec_differences_compare_functions_not_spellings(tiny_spec):
+    base = ModelSpec(encoder="vit_base_patch16_224")
+    spelled = ModelSpec(
+        encoder="vit_tiny_patch16_224",
+        encoder_overrides={"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4},
+    )
+    assert spec_differences(base, spelled) == []
+    assert spec_differences(base, replace(base, encoder="vit_base_patch16_224.mae")) == []
+    deeper = replace(tiny_spec, img_size=32, encoder_overrides={"embed_dim": 32, "depth": 3})
+    assert spec_differences(tiny_spec, deeper) == [
+        "dataset.img_size: checkpoint 16, config 32",
+        "model.encoder_overrides.depth: checkpoint 2, config 3",
+        "model.encoder_overrides.num_heads: checkpoint 2, config 3",
+    ]
+    assert spec_differences(tiny_spec, deeper, ignore=("img_size", "depth", "num_heads")) == []
+    # SimMIM has no decoder fields to differ in.
+    simmim = replace(tiny_spec, recipe="simmim")
+    assert spec_differences(simmim, replace(simmim, decoder_depth=5)) == []
+    assert spec_differences(tiny_spec, simmim, labels=("a", "b")) == [
+        "model.decoder_depth: a 1, b (not set)",
+        "model.decoder_embed_dim: a 32, b (not set)",
+        "model.decoder_num_heads: a 2, b (not set)",
+        "model.norm_pix_loss: a False, b (not set)",
+        "model.recipe: a 'mae', b 'simmim'",
+    ]

@@ -11,60 +11,129 @@ Released weights from elsewhere are imported offline, from a local path, by
 ``timm``
     a timm ``VisionTransformer`` state dict, e.g. ``vit_base_patch16_224.mae``: encoder only.
 ``mae``
-    facebookresearch/mae ``.pth`` (``{"model": state_dict}``), with or without its decoder.
+    facebookresearch/mae ``.pth``: a release (``{"model": state_dict}``, with or without its
+    decoder) or a training checkpoint ``checkpoint-N.pth`` (``model``, ``optimizer``,
+    ``epoch``, ``scaler`` and the run's ``args``, an ``argparse.Namespace``).
 ``hf``
     a HuggingFace ``ViTMAEForPreTraining.save_pretrained`` folder (config.json + weights),
     read without importing ``transformers``.
 
+Nothing about the architecture is guessed: each field is read from the checkpoint (tensor
+shapes, official ``args``, config.json, the sidecar) or given by the caller (the experiment's
+model section), and the importer prints which, to stderr (the job's log). Heads, LayerNorm
+epsilon and ``norm_pix_loss`` are not in the weights: a checkpoint that does not state them
+is refused unless they are given.
+
 Every importer returns ``(model, info)``; ``info`` is JSON-serialisable (so it can be handed to
-:func:`save_model`) and says at least ``format``, ``source``, ``sha256`` of the weights file and
-``decoder_released``: when the checkpoint carries no decoder (encoder-only releases), the
-model's decoder is freshly initialised from ``decoder_init_seed`` and must not be read as the
-released model's decoder.
+:func:`save_model`) and says at least ``format``, ``source``, ``sha256`` of the weights file,
+``spec_sources`` (field -> where it came from) and ``decoder_released``: when the checkpoint
+carries no decoder (encoder-only releases), the model's decoder is freshly initialised from
+``decoder_init_seed`` and must not be read as the released model's decoder.
 
 Pickled files (``.pth``, ``.bin``, ``.pt``, ``.ckpt``) are read only through
-``torch.load(..., weights_only=True)``; a file that needs arbitrary unpickling is refused
-(:class:`CheckpointRefusedError`) with instructions to convert it to safetensors.
+``torch.load(..., weights_only=True)``, which lets through tensors, plain Python values and
+:data:`SAFE_CONTAINERS`; a file that needs any other object is refused
+(:class:`CheckpointRefusedError`) with torch's reason and instructions to convert it.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import hashlib
 import json
 import math
-import os
 import pickle
 import re
-import warnings
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mimia.models import build_model
 from mimia.models.base import MIMModel
-from mimia.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from mimia.models.spec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelSpec,
+    architecture,
+    config_key,
+    hf_fields,
+    hf_mean_std,
+    hf_spec,
+    read_json,
+    sidecar_path,
+    spec_differences,
+    spec_from_fields,
+)
+from mimia.storage import atomic_path
+
+__all__ = [
+    "FORMATS",
+    "SAFE_CONTAINERS",
+    "CheckpointRefusedError",
+    "file_sha256",
+    "hf_spec",
+    "import_checkpoint",
+    "import_hf_vitmae",
+    "import_mae_checkpoint",
+    "import_timm_encoder",
+    "infer_spec",
+    "load_model",
+    "read_sidecar",
+    "read_weights",
+    "save_model",
+    "sidecar_path",
+]
 
 FORMATS = ("mimia", "timm", "mae", "hf")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# Plain attribute containers that released checkpoints carry besides tensors: unpickling one
+# only sets attributes, it cannot run code. (facebookresearch/mae saves its ``args`` so.)
+SAFE_CONTAINERS: tuple[type, ...] = (argparse.Namespace,)
 
-# Standard ViT widths -> (timm model, heads). Heads cannot be read off the weights.
-VIT_BY_WIDTH: dict[int, tuple[str, int]] = {
-    192: ("vit_tiny_patch16_224", 3),
-    384: ("vit_small_patch16_224", 6),
-    768: ("vit_base_patch16_224", 12),
-    1024: ("vit_large_patch16_224", 16),
-    1280: ("vit_huge_patch14_224", 16),
+# facebookresearch/mae models_mae.py: every ``args.model`` it defines, and what it builds.
+_DEC512D8B = {
+    "mlp_ratio": 4.0,
+    "qkv_bias": True,
+    "decoder_embed_dim": 512,
+    "decoder_depth": 8,
+    "decoder_num_heads": 16,
+    "norm_eps": 1e-6,  # norm_layer=partial(nn.LayerNorm, eps=1e-6)
 }
-# MAE's decoders: 512-d x 8 blocks with 16 heads for every released model.
-DECODER_HEADS_BY_WIDTH: dict[int, int] = {512: 16}
-# timm's VisionTransformer and mimia's MAE decoder blocks use LayerNorm(eps=1e-6).
-LAYER_NORM_EPS = 1e-6
+OFFICIAL_MAE_MODELS: dict[str, dict[str, Any]] = {
+    "mae_vit_base_patch16_dec512d8b": {
+        "patch_size": 16,
+        "embed_dim": 768,
+        "depth": 12,
+        "num_heads": 12,
+        **_DEC512D8B,
+    },
+    "mae_vit_large_patch16_dec512d8b": {
+        "patch_size": 16,
+        "embed_dim": 1024,
+        "depth": 24,
+        "num_heads": 16,
+        **_DEC512D8B,
+    },
+    "mae_vit_huge_patch14_dec512d8b": {
+        "patch_size": 14,
+        "embed_dim": 1280,
+        "depth": 32,
+        "num_heads": 16,
+        **_DEC512D8B,
+    },
+}
+for _name in list(OFFICIAL_MAE_MODELS):  # the "recommended" aliases, e.g. mae_vit_base_patch16
+    OFFICIAL_MAE_MODELS[_name.removesuffix("_dec512d8b")] = OFFICIAL_MAE_MODELS[_name]
+
 # Keys of a timm / official checkpoint that belong to a classifier, not the MIM encoder.
 _HEAD_PREFIXES = ("head.", "fc_norm.")
+
+Facts = dict[str, tuple[Any, str]]  # field -> (value, where it was read)
 
 
 class CheckpointRefusedError(ValueError):
@@ -72,34 +141,41 @@ class CheckpointRefusedError(ValueError):
 
 
 # -- mimia's own format ------------------------------------------------------------------------
-def sidecar_path(weights: str | Path) -> Path:
-    return Path(weights).with_suffix(".json")
-
-
 def save_model(model: MIMModel, weights: str | Path, info: dict[str, Any] | None = None) -> None:
-    """Write weights and sidecar atomically (temp files, then rename)."""
+    """Write weights and sidecar atomically; the sidecar lands first, so weights imply it."""
     weights = Path(weights)
-    weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp_w = weights.with_name(weights.name + ".tmp")
-    tmp_j = sidecar_path(weights).with_name(sidecar_path(weights).name + ".tmp")
-    save_file(state, str(tmp_w))
-    tmp_j.write_text(json.dumps({"spec": model.spec.to_dict(), "info": info or {}}, indent=2))
-    os.replace(tmp_j, sidecar_path(weights))
-    os.replace(tmp_w, weights)
+    sidecar = {"spec": model.spec.to_dict(), "info": info or {}}
+    with atomic_path(weights) as tmp_w:
+        save_file(state, str(tmp_w))
+        with atomic_path(sidecar_path(weights)) as tmp_j:
+            tmp_j.write_text(json.dumps(sidecar, indent=2))
 
 
 def read_sidecar(weights: str | Path) -> dict[str, Any]:
-    path = sidecar_path(weights)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint sidecar {path} is missing (expected beside {weights})")
-    return json.loads(path.read_text())
+    sidecar = read_json(sidecar_path(weights), f"checkpoint sidecar (expected beside {weights})")
+    if not isinstance(sidecar, dict) or "spec" not in sidecar:
+        raise ValueError(f"checkpoint sidecar {sidecar_path(weights)} holds no 'spec'")
+    return sidecar
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as e:
+        raise ValueError(
+            f"cannot read safetensors file {path} ({path.stat().st_size} bytes): {e}; "
+            f"the file is truncated or not a safetensors file"
+        ) from None
 
 
 def load_model(weights: str | Path, device: str = "cpu") -> MIMModel:
+    weights = Path(weights)
     spec = ModelSpec.from_dict(read_sidecar(weights)["spec"])
     model = build_model(spec)
-    model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    _load_part(model, _load_safetensors(weights), f"checkpoint {weights}")
     return model.to(device).eval()
 
 
@@ -112,39 +188,72 @@ def file_sha256(path: str | Path) -> str:
 
 
 # -- reading foreign weight files ---------------------------------------------------------------
+# torch's advice around the reason (re-run with weights_only=False, allow-list the global...)
+# is for people who trust the file; mimia does not, so only the reason itself is kept.
+_TORCH_BOILERPLATE = (
+    "Weights only load failed",
+    "Re-running `torch.load`",
+    "(2) Alternatively",
+    "Check the documentation of torch.load",
+)
+
+
+def torch_load_reason(err: BaseException) -> str:
+    """What a failed ``torch.load`` says about the file, without torch's generic advice."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    kept = []
+    for line in text.splitlines():
+        line = line.strip()
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        if line and not any(b in line for b in _TORCH_BOILERPLATE):
+            kept.append(line)
+    return " ".join(kept) or text.strip()
+
+
 def read_weights(path: str | Path) -> Any:
     """The object stored in a safetensors or (tensor-only) pickled weights file.
 
-    Pickles go through ``torch.load(weights_only=True)`` only; anything that needs arbitrary
-    unpickling raises :class:`CheckpointRefusedError`.
+    Pickles go through ``torch.load(weights_only=True)``, with :data:`SAFE_CONTAINERS` allowed
+    for this call only; anything else that needs unpickling raises
+    :class:`CheckpointRefusedError`, and a corrupt or truncated file a ValueError naming it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
+        return _load_safetensors(path)
     if suffix not in PICKLE_SUFFIXES:
         raise ValueError(
             f"cannot read weights from {path}: expected .safetensors or a tensor-only pickle "
             f"({', '.join(PICKLE_SUFFIXES)})"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_CONTAINERS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler" in ln]
-        reason = lines[0].split(" Please use")[0] if lines else type(e).__name__
+        reason = torch_load_reason(e)
+        if "GLOBAL" not in reason:
+            raise ValueError(
+                f"cannot read checkpoint {path}: torch's weights-only loader fails on it "
+                f"[torch: {reason}]; the file is corrupt or not written by torch.save"
+            ) from None
         raise CheckpointRefusedError(
-            f"checkpoint {path} is refused: it holds pickled objects other than tensors, which "
-            f"only arbitrary unpickling (running code from the file) could load "
-            f"[torch: {reason}]. If you trust its source, convert it once, in a sandbox, to "
-            f"safetensors and import that file instead, e.g.\n"
+            f"checkpoint {path} is refused: it holds pickled objects other than tensors and "
+            f"plain containers, which only arbitrary unpickling (running code from the file) "
+            f"could load [torch: {reason}]. If you trust its source, convert it once, in a "
+            f"sandbox, to safetensors and import that file instead, e.g.\n"
             f'  python -c "import torch; from safetensors.torch import save_file; '
             f"o = torch.load('{path}', map_location='cpu', weights_only=False); "
             f"sd = o.get('model', o.get('state_dict', o)); "
             f"save_file({{k: v.clone().contiguous() for k, v in sd.items()}}, "
             f"'{path.with_suffix('.safetensors')}')\""
-        ) from e
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise ValueError(
+            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {type(e).__name__}: {e}"
+        ) from None
 
 
 def _state_dict(obj: Any, path: Path, wrappers: Iterable[str] = ("model", "state_dict")) -> dict:
@@ -214,19 +323,11 @@ def _require(sd: Mapping[str, torch.Tensor], keys: Iterable[str], what: str) -> 
         raise ValueError(f"{what}: cannot infer the architecture, missing keys {missing}")
 
 
-def infer_spec(
-    sd: Mapping[str, torch.Tensor],
-    *,
-    num_heads: int | None = None,
-    decoder_num_heads: int | None = None,
-    norm_pix_loss: bool = False,
-) -> tuple[ModelSpec, list[str]]:
-    """A MAE :class:`ModelSpec` from official/timm key names and tensor shapes.
+def weight_facts(sd: Mapping[str, torch.Tensor]) -> Facts:
+    """Architecture fields that the tensor shapes of an official/timm state dict determine.
 
     Encoder keys are unprefixed (``patch_embed.proj.weight``, ``blocks.N...``); decoder keys,
     if any, as in facebookresearch/mae (``decoder_embed.weight``, ``decoder_blocks.N...``).
-    Head counts come from the standard ViT sizes unless given; ``norm_pix_loss`` is not in the
-    weights either. Returns the spec and the names of the fields that were assumed.
     """
     _require(sd, ["patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"], "encoder")
     embed_dim, in_chans, patch, patch_w = sd["patch_embed.proj.weight"].shape
@@ -240,55 +341,150 @@ def infer_spec(
     mlp_ratio = hidden / embed_dim
     if int(embed_dim * mlp_ratio) != hidden:
         raise ValueError(f"MLP width {hidden} is not representable as embed_dim * mlp_ratio")
-    assumed = []
-    encoder_name, default_heads = VIT_BY_WIDTH.get(embed_dim, ("vit_base_patch16_224", None))
-    if num_heads is None:
-        if default_heads is None:
-            raise ValueError(
-                f"cannot infer num_heads for a non-standard width embed_dim={embed_dim} "
-                f"(standard: {sorted(VIT_BY_WIDTH)}); pass num_heads=... or a full spec"
-            )
-        num_heads = default_heads
-        assumed.append("num_heads")
-    overrides: dict[str, Any] = {
-        "embed_dim": embed_dim,
-        "depth": _block_count(sd, "blocks."),
-        "num_heads": num_heads,
-        "mlp_ratio": mlp_ratio,
+    proj = "weights patch_embed.proj.weight"
+    facts: Facts = {
+        "embed_dim": (embed_dim, proj),
+        "in_chans": (in_chans, proj),
+        "patch_size": (patch, proj),
+        "img_size": (grid * patch, "weights pos_embed and patch size"),
+        "depth": (_block_count(sd, "blocks."), "weights blocks.N"),
+        "mlp_ratio": (mlp_ratio, "weights blocks.0.mlp.fc1.weight"),
+        "qkv_bias": ("blocks.0.attn.qkv.bias" in sd, "weights blocks.0.attn.qkv.bias"),
     }
-    if "blocks.0.attn.qkv.bias" not in sd:
-        overrides["qkv_bias"] = False
-    fields: dict[str, Any] = {}
     if "decoder_embed.weight" in sd:
         _require(sd, ["decoder_blocks.0.mlp.fc1.weight"], "decoder")
         dec_dim = sd["decoder_embed.weight"].shape[0]
         if sd["decoder_blocks.0.mlp.fc1.weight"].shape[0] != 4 * dec_dim:
             raise ValueError("mimia's MAE decoder has mlp_ratio 4; this checkpoint's differs")
-        if decoder_num_heads is None:
-            if dec_dim not in DECODER_HEADS_BY_WIDTH:
-                raise ValueError(
-                    f"cannot infer decoder_num_heads for decoder width {dec_dim} "
-                    f"(known: {sorted(DECODER_HEADS_BY_WIDTH)}); pass decoder_num_heads=..."
-                )
-            decoder_num_heads = DECODER_HEADS_BY_WIDTH[dec_dim]
-            assumed.append("decoder_num_heads")
-        fields = {
-            "decoder_embed_dim": dec_dim,
-            "decoder_depth": _block_count(sd, "decoder_blocks."),
-            "decoder_num_heads": decoder_num_heads,
-        }
-    assumed.append("norm_pix_loss")
-    spec = ModelSpec(
-        recipe="mae",
-        encoder=encoder_name,
-        encoder_overrides=overrides,
-        img_size=grid * patch,
-        patch_size=patch,
-        in_chans=in_chans,
-        norm_pix_loss=norm_pix_loss,
-        **fields,
+        facts["decoder_embed_dim"] = (dec_dim, "weights decoder_embed.weight")
+        facts["decoder_depth"] = (_block_count(sd, "decoder_blocks."), "weights decoder_blocks.N")
+    return facts
+
+
+def args_facts(args: Any) -> Facts:
+    """Fields that an official training checkpoint's ``args`` state (its model name, flags)."""
+    a = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    facts: Facts = {}
+    name = a.get("model")
+    if name in OFFICIAL_MAE_MODELS:
+        src = f"args.model={name!r} (models_mae.py)"
+        facts |= {k: (v, src) for k, v in OFFICIAL_MAE_MODELS[name].items()}
+    if "norm_pix_loss" in a:
+        facts["norm_pix_loss"] = (bool(a["norm_pix_loss"]), "args.norm_pix_loss")
+    if "input_size" in a:
+        facts["img_size"] = (int(a["input_size"]), "args.input_size")
+    return facts
+
+
+def _merge(facts: Facts, more: Facts, what: str) -> Facts:
+    """Facts from two sources; where both speak they must agree."""
+    out, clashes = dict(facts), []
+    for k, (v, src) in more.items():
+        if k not in out:
+            out[k] = (v, src)
+        elif out[k][0] != v:
+            clashes.append(f"{k}: {out[k][1]} says {out[k][0]!r}, {src} says {v!r}")
+        else:
+            out[k] = (v, f"{out[k][1]}; {src}")
+    if clashes:
+        raise ValueError(f"{what} contradicts itself: " + "; ".join(clashes))
+    return out
+
+
+def checkpoint_facts(sd: Mapping[str, torch.Tensor], args: Any = None, what: str = "") -> Facts:
+    """Everything a state dict (and official ``args``, if any) says about the architecture."""
+    facts = weight_facts(sd)
+    if args is not None:
+        facts = _merge(facts, args_facts(args), what or "the checkpoint")
+    return facts
+
+
+def infer_spec(
+    sd: Mapping[str, torch.Tensor],
+    *,
+    args: Any = None,
+    num_heads: int | None = None,
+    decoder_num_heads: int | None = None,
+    norm_eps: float | None = None,
+    norm_pix_loss: bool | None = None,
+    what: str = "the checkpoint",
+) -> tuple[ModelSpec, dict[str, str]]:
+    """A MAE :class:`ModelSpec` from key names, tensor shapes and official ``args``.
+
+    What neither tells (heads, LayerNorm eps, ``norm_pix_loss``) must be given, or this
+    refuses; a given value that contradicts the checkpoint is refused too. Without decoder
+    weights the fresh decoder gets ModelSpec's defaults. Returns the spec and, per field of
+    :func:`~mimia.models.spec.architecture`, where its value came from.
+    """
+    facts = checkpoint_facts(sd, args, what)
+    given = {
+        "num_heads": num_heads,
+        "decoder_num_heads": decoder_num_heads,
+        "norm_eps": norm_eps,
+        "norm_pix_loss": norm_pix_loss,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    facts = _merge(facts, {k: (v, "given") for k, v in given.items()}, what)
+    has_decoder = "decoder_embed_dim" in facts
+    needed = ["num_heads", "norm_eps"] + (["decoder_num_heads", "norm_pix_loss"] * has_decoder)
+    missing = [k for k in needed if k not in facts]
+    if missing:
+        raise ValueError(
+            f"cannot tell {', '.join(missing)} of {what}: its weights do not record "
+            f"{'it' if len(missing) == 1 else 'them'}"
+            f"{'' if args is not None else ' and it carries no official args'}, and mimia "
+            f"does not guess. State {' and '.join(config_key(k) for k in missing)} in the "
+            f"config (or pass {', '.join(f'{k}=...' for k in missing)})"
+        )
+    defaults = ModelSpec()
+    for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "norm_pix_loss"):
+        if k not in facts:
+            facts[k] = (getattr(defaults, k), "default of the fresh decoder (none released)")
+    spec = spec_from_fields({k: v for k, (v, _) in facts.items()})
+    sources = {k: src for k, (_, src) in facts.items()}
+    sources["recipe"] = "MAE state dict layout"
+    sources["mean"] = sources["std"] = "ImageNet default (not recorded in the checkpoint)"
+    return spec, sources
+
+
+def _check_facts(facts: Facts, spec: ModelSpec, path: Path, fmt: str) -> dict[str, str]:
+    """Refuse a given spec that contradicts what the checkpoint says; sources per field."""
+    arch, unset = architecture(spec), object()
+    diffs = []
+    for k, (v, src) in sorted(facts.items(), key=lambda kv: config_key(kv[0])):
+        mine = arch.get(k, unset)
+        if mine != v:
+            shown = "(not set)" if mine is unset else repr(mine)
+            diffs.append(f"{config_key(k)}: checkpoint {v!r} ({src}), config {shown}")
+    if diffs:
+        raise ValueError(_mismatch(path, fmt, diffs))
+    return {k: facts[k][1] if k in facts else "given (config)" for k in arch}
+
+
+def _mismatch(path: Path, fmt: str, diffs: list[str]) -> str:
+    return (
+        f"target checkpoint {path} (format {fmt}) does not match the model spec it was given "
+        f"(the experiment's model section): {'; '.join(diffs)}. The checkpoint is the audited "
+        f"target, so it wins: change the model section to describe it (the shadow models are "
+        f"built from that section and must have the target's architecture)"
     )
-    return spec, assumed
+
+
+def log_architecture(what: str, spec: ModelSpec, sources: Mapping[str, str]) -> None:
+    """Print each architecture field and where it came from, to stderr (the job's log)."""
+    arch = architecture(spec)
+    lines = [f"architecture of {what}:"]
+    width = max(len(f"{config_key(k)} = {v!r}") for k, v in arch.items())
+    for k in sorted(arch, key=config_key):
+        field = f"{config_key(k)} = {arch[k]!r}"
+        lines.append(f"  {field:<{width}}  <- {sources.get(k, 'given (config)')}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _no_arch_kwargs(spec: ModelSpec | None, **kwargs: Any) -> None:
+    given = sorted(k for k, v in kwargs.items() if v is not None)
+    if spec is not None and given:
+        raise TypeError(f"give either spec or {', '.join(given)}, not both")
 
 
 def _split_head(sd: Mapping[str, torch.Tensor]) -> tuple[dict, list[str]]:
@@ -316,31 +512,54 @@ def _base_info(fmt: str, path: Path, weights: Path, seed: int) -> dict[str, Any]
     }
 
 
+def _resolve_spec(
+    sd: Mapping[str, torch.Tensor],
+    spec: ModelSpec | None,
+    path: Path,
+    fmt: str,
+    args: Any = None,
+    ignore: Iterable[str] = (),
+    **given: Any,
+) -> tuple[ModelSpec, dict[str, str]]:
+    """The spec to build (inferred, or the given one checked against the checkpoint)."""
+    what = f"{fmt} checkpoint {path}"
+    if spec is None:
+        spec, sources = infer_spec(sd, args=args, what=what, **given)
+    else:
+        _no_arch_kwargs(spec, **given)
+        facts = checkpoint_facts(sd, args, what)
+        sources = _check_facts({k: facts[k] for k in facts if k not in ignore}, spec, path, fmt)
+    log_architecture(what, spec, sources)
+    return spec, sources
+
+
 # -- timm ---------------------------------------------------------------------------------------
 def import_timm_encoder(
     path: str | Path,
     spec: ModelSpec | None = None,
     *,
     num_heads: int | None = None,
+    norm_eps: float | None = None,
     seed: int = 0,
+    ignore: Iterable[str] = (),
 ) -> tuple[MIMModel, dict[str, Any]]:
     """A model whose encoder holds a timm ViT state dict; its decoder is not released.
 
     ``head.*``/``fc_norm.*`` keys are ignored (listed in ``info["ignored_keys"]``); any other
     key the encoder lacks, or lacks from the file, or a shape mismatch, is a ValueError. Without
-    ``spec`` a MAE spec is inferred from the shapes (heads from the standard ViT sizes).
+    ``spec`` a MAE spec is inferred from the shapes, given ``num_heads`` and ``norm_eps``.
     """
     path = Path(path)
     sd, ignored = _split_head(_state_dict(read_weights(path), path))
-    assumed: list[str] = []
-    if spec is None:
-        spec, assumed = infer_spec(sd, num_heads=num_heads)
+    spec, sources = _resolve_spec(
+        sd, spec, path, "timm", ignore=ignore, num_heads=num_heads, norm_eps=norm_eps
+    )
     model = _build(spec, seed)
     _load_part(model.encoder, sd, f"timm encoder {path}" + _hint_finetuned(sd, ignored))
     info = _base_info("timm", path, path, seed) | {
         "decoder_released": False,
         "ignored_keys": ignored,
-        "assumed": assumed,
+        "spec_sources": sources,
     }
     return model.eval(), info
 
@@ -349,34 +568,50 @@ def import_timm_encoder(
 _MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
 
 
+def _plain_args(args: Any) -> dict[str, Any]:
+    """The JSON-representable entries of an official ``args``, for provenance."""
+    a = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    return {k: v for k, v in a.items() if isinstance(v, str | int | float | bool | type(None))}
+
+
 def import_mae_checkpoint(
     path: str | Path,
     spec: ModelSpec | None = None,
     *,
     num_heads: int | None = None,
     decoder_num_heads: int | None = None,
-    norm_pix_loss: bool = False,
+    norm_eps: float | None = None,
+    norm_pix_loss: bool | None = None,
     seed: int = 0,
+    ignore: Iterable[str] = (),
 ) -> tuple[MIMModel, dict[str, Any]]:
-    """An official facebookresearch/mae checkpoint (``{"model": state_dict}`` or a bare one).
+    """An official facebookresearch/mae checkpoint: a release or ``checkpoint-N.pth``.
 
     Encoder keys (``cls_token``, ``pos_embed``, ``patch_embed.*``, ``blocks.*``, ``norm.*``)
     go to ``model.encoder``; ``mask_token`` and ``decoder_*`` to ``model.decoder``. Without
     decoder keys (the encoder-only ``mae_pretrain_vit_*.pth`` releases) the decoder stays
-    freshly initialised and ``info["decoder_released"]`` is False. Without ``spec`` it is
-    inferred from the shapes; heads default to the standard sizes and ``norm_pix_loss`` (not
-    recorded in the weights) to the argument, all listed in ``info["assumed"]``.
+    freshly initialised and ``info["decoder_released"]`` is False. A training checkpoint's
+    ``args`` say ``norm_pix_loss``, the image size and, for the official ``args.model`` names,
+    heads and LayerNorm eps; a release says none of these, so they must be given (or ``spec``).
     """
     path = Path(path)
-    sd, ignored = _split_head(_state_dict(read_weights(path), path))
-    assumed: list[str] = []
-    if spec is None:
-        spec, assumed = infer_spec(
-            sd,
-            num_heads=num_heads,
-            decoder_num_heads=decoder_num_heads,
-            norm_pix_loss=norm_pix_loss,
-        )
+    obj = read_weights(path)
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    if not isinstance(args, argparse.Namespace | Mapping):
+        args = None
+    sd, ignored = _split_head(_state_dict(obj, path))
+    spec, sources = _resolve_spec(
+        sd,
+        spec,
+        path,
+        "mae",
+        args,
+        ignore=ignore,
+        num_heads=num_heads,
+        decoder_num_heads=decoder_num_heads,
+        norm_eps=norm_eps,
+        norm_pix_loss=norm_pix_loss,
+    )
     if spec.recipe != "mae":
         raise ValueError(f"an official MAE checkpoint needs recipe 'mae', got {spec.recipe!r}")
     enc = {k: v for k, v in sd.items() if not k.startswith(_MAE_DECODER_PREFIXES)}
@@ -388,8 +623,12 @@ def import_mae_checkpoint(
     info = _base_info("mae", path, path, seed) | {
         "decoder_released": bool(dec),
         "ignored_keys": ignored,
-        "assumed": assumed,
+        "spec_sources": sources,
     }
+    if args is not None:
+        info["official_args"] = _plain_args(args)
+    if isinstance(obj, Mapping) and isinstance(obj.get("epoch"), int):
+        info["epoch"] = obj["epoch"]
     return model.eval(), info
 
 
@@ -475,76 +714,6 @@ def _hf_to_mimia(sd: Mapping[str, torch.Tensor], qkv_bias: bool) -> dict[str, to
     return out
 
 
-def _square(value: Any, name: str) -> int:
-    if isinstance(value, list | tuple):
-        if len(set(value)) != 1:
-            raise ValueError(f"non-square {name} {value} is not supported")
-        value = value[0]
-    return int(value)
-
-
-def hf_spec(config: Mapping[str, Any], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ModelSpec:
-    """A MAE :class:`ModelSpec` from a ``ViTMAEConfig`` dict (config.json).
-
-    ``layer_norm_eps``: timm's ViT and mimia's decoder use 1e-6, as the official MAE that
-    trained the released weights. A smaller eps (transformers' default 1e-12, which the
-    converted ``facebook/vit-mae-*`` configs carry) imports with a warning: the functions
-    differ only where a token's variance is below ~1e-6. A larger eps changes the function and
-    is refused.
-    """
-    if config.get("model_type", "vit_mae") != "vit_mae":
-        raise ValueError(f"config model_type is {config['model_type']!r}, expected 'vit_mae'")
-    act = config.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise ValueError(f"hidden_act {act!r} is not supported: timm blocks use exact GELU")
-    eps = float(config.get("layer_norm_eps", 1e-12))
-    if eps > LAYER_NORM_EPS * (1 + 1e-9):
-        raise ValueError(
-            f"layer_norm_eps {eps:g} cannot be represented: mimia's timm blocks use "
-            f"{LAYER_NORM_EPS:g}"
-        )
-    if eps < LAYER_NORM_EPS * (1 - 1e-9):
-        warnings.warn(
-            f"HF config layer_norm_eps is {eps:g}; mimia uses {LAYER_NORM_EPS:g} (as the "
-            f"official MAE and timm), so outputs can differ from HuggingFace's in the last "
-            f"digits (only tokens with variance near {LAYER_NORM_EPS:g} are affected)",
-            UserWarning,
-            stacklevel=3,
-        )
-    hidden = int(config.get("hidden_size", 768))
-    intermediate = int(config.get("intermediate_size", 3072))
-    mlp_ratio = intermediate / hidden
-    if int(hidden * mlp_ratio) != intermediate:
-        raise ValueError(f"intermediate_size {intermediate} is not hidden_size * a ratio")
-    dec_hidden = int(config.get("decoder_hidden_size", 512))
-    dec_inter = int(config.get("decoder_intermediate_size", 2048))
-    if dec_inter != 4 * dec_hidden:
-        raise ValueError(
-            f"decoder_intermediate_size {dec_inter} != 4 * decoder_hidden_size {dec_hidden}: "
-            "mimia's MAE decoder has mlp_ratio 4"
-        )
-    encoder_name = VIT_BY_WIDTH.get(hidden, ("vit_base_patch16_224", 0))[0]
-    return ModelSpec(
-        recipe="mae",
-        encoder=encoder_name,
-        encoder_overrides={
-            "embed_dim": hidden,
-            "depth": int(config.get("num_hidden_layers", 12)),
-            "num_heads": int(config.get("num_attention_heads", 12)),
-            "mlp_ratio": mlp_ratio,
-        },
-        img_size=_square(config.get("image_size", 224), "image_size"),
-        patch_size=_square(config.get("patch_size", 16), "patch_size"),
-        in_chans=int(config.get("num_channels", 3)),
-        decoder_embed_dim=dec_hidden,
-        decoder_depth=int(config.get("decoder_num_hidden_layers", 8)),
-        decoder_num_heads=int(config.get("decoder_num_attention_heads", 16)),
-        norm_pix_loss=bool(config.get("norm_pix_loss", False)),
-        mean=tuple(mean),
-        std=tuple(std),
-    )
-
-
 def _hf_weights_file(folder: Path) -> Path:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
@@ -557,17 +726,19 @@ def _hf_weights_file(folder: Path) -> Path:
 def import_hf_vitmae(
     folder: str | Path,
     *,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
     seed: int = 0,
 ) -> tuple[MIMModel, dict[str, Any]]:
     """A ``ViTMAEForPreTraining.save_pretrained`` folder, without importing transformers.
 
-    The spec comes from config.json (see :func:`hf_spec` for ``layer_norm_eps``); weights from
-    model.safetensors or pytorch_model.bin (tensor-only). A bare ``ViTMAEModel`` (no decoder)
-    imports with ``decoder_released`` False; position embeddings absent from the file get the
-    fixed sin-cos ones (``info["sincos_filled"]``). mimia models normalise internally: HF's
-    ``pixel_values`` correspond to mimia images ``pixel_values * std + mean``.
+    The spec comes from config.json (``layer_norm_eps`` is ``norm_eps``; keys it leaves out
+    take ViTMAEConfig's defaults, as transformers does); weights from model.safetensors or
+    pytorch_model.bin (tensor-only). HuggingFace normalises pixels outside the model: mean/std
+    are preprocessor_config.json's if the folder has one, else the given ones, else ImageNet's.
+    A bare ``ViTMAEModel`` (no decoder) imports with ``decoder_released`` False; position
+    embeddings absent from the file get the fixed sin-cos ones (``info["sincos_filled"]``).
+    mimia images correspond to HF's ``pixel_values * std + mean``.
     """
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -577,8 +748,28 @@ def import_hf_vitmae(
         raise NotADirectoryError(f"HF checkpoint {folder} must be a save_pretrained folder")
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: not a save_pretrained folder")
-    config = json.loads(config_path.read_text())
-    spec = hf_spec(config, mean=mean, std=std)
+    config = read_json(config_path, "HF config")
+    facts = hf_fields(config)
+    declared = hf_mean_std(folder)
+    if declared is not None:
+        for name, given, value in zip(("mean", "std"), (mean, std), declared, strict=True):
+            if given is not None and tuple(given) != value:
+                raise ValueError(
+                    f"{folder}/preprocessor_config.json says image_{name} {list(value)}, "
+                    f"but {name} {list(given)} was given (the config's model.{name})"
+                )
+        mean, std = declared
+        mean_src = "preprocessor_config.json image_mean/image_std"
+    elif mean is not None and std is not None:
+        mean_src = "given"
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        mean_src = "ImageNet default (the folder has no preprocessor_config.json)"
+    spec = spec_from_fields({k: v for k, (v, _) in facts.items()}, mean=mean, std=std)
+    sources = {k: src for k, (_, src) in facts.items()}
+    sources |= {"recipe": "ViTMAEForPreTraining", "mean": mean_src, "std": mean_src}
+    sources["qkv_bias"] = "config.json qkv_bias (zero biases stand in for absent ones)"
+    log_architecture(f"hf checkpoint {folder}", spec, sources)
     weights = _hf_weights_file(folder)
     sd = _hf_to_mimia(_state_dict(read_weights(weights), weights), config.get("qkv_bias", True))
     enc = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
@@ -599,10 +790,9 @@ def import_hf_vitmae(
     info = _base_info("hf", folder, weights, seed) | {
         "decoder_released": bool(dec),
         "config_sha256": file_sha256(config_path),
-        "hf_layer_norm_eps": float(config.get("layer_norm_eps", 1e-12)),
         "hf_mask_ratio": config.get("mask_ratio"),
         "ignored_keys": [],
-        "assumed": ["mean", "std"],
+        "spec_sources": sources,
         "sincos_filled": fixed,
     }
     return model.eval(), info
@@ -610,14 +800,21 @@ def import_hf_vitmae(
 
 # -- one entry point ----------------------------------------------------------------------------
 def import_checkpoint(
-    path: str | Path, format: str, spec: ModelSpec | None = None, **kwargs: Any
+    path: str | Path,
+    format: str,
+    spec: ModelSpec | None = None,
+    *,
+    ignore: Iterable[str] = (),
+    **kwargs: Any,
 ) -> tuple[MIMModel, dict[str, Any]]:
     """Build a mimia model from released weights at a local ``path``: ``(model, info)``.
 
-    ``format`` is one of :data:`FORMATS`. ``spec`` fixes the architecture for ``timm`` and
-    ``mae`` (else inferred from shapes); for ``mimia`` and ``hf`` the architecture is in the
-    checkpoint, and a given ``spec`` must agree with it (for ``hf`` its mean/std are used).
-    Extra keyword arguments go to the format's importer (``num_heads=``, ``seed=``, ...).
+    ``format`` is one of :data:`FORMATS`. ``spec`` fixes what the checkpoint does not say;
+    whatever it does say (tensor shapes, official args, config.json, the sidecar) must agree
+    with ``spec``, else a ValueError lists the differences (but for the fields in
+    ``ignore``, e.g. the decoder's where the target's decoder is not used). For ``hf`` the
+    spec's mean/std are used unless the folder states its own. Extra keyword arguments go to
+    the format's importer (``num_heads=``, ``norm_eps=``, ``seed=``, ...).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; expected one of {FORMATS}")
@@ -625,9 +822,9 @@ def import_checkpoint(
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if format == "timm":
-        return import_timm_encoder(path, spec, **kwargs)
+        return import_timm_encoder(path, spec, ignore=ignore, **kwargs)
     if format == "mae":
-        return import_mae_checkpoint(path, spec, **kwargs)
+        return import_mae_checkpoint(path, spec, ignore=ignore, **kwargs)
     if format == "hf":
         if spec is not None:
             kwargs = {"mean": spec.mean, "std": spec.std, **kwargs}
@@ -637,6 +834,8 @@ def import_checkpoint(
             raise TypeError(f"format 'mimia' takes no options, got {sorted(kwargs)}")
         sidecar = read_sidecar(path)
         model = load_model(path)
+        sources = dict.fromkeys(architecture(model.spec), f"sidecar {sidecar_path(path)}")
+        log_architecture(f"mimia checkpoint {path}", model.spec, sources)
         info = {
             "format": "mimia",
             "source": str(path),
@@ -644,19 +843,10 @@ def import_checkpoint(
             "sha256": file_sha256(path),
             "decoder_released": bool(sidecar.get("info", {}).get("decoder_released", True)),
             "sidecar_info": sidecar.get("info", {}),
+            "spec_sources": sources,
         }
     if spec is not None:
-        _check_same_architecture(
-            model.spec, spec, exclude=("mean", "std") if format == "hf" else ()
-        )
+        diffs = spec_differences(model.spec, spec, ignore=ignore)
+        if diffs:
+            raise ValueError(_mismatch(path, format, diffs))
     return model, info
-
-
-def _check_same_architecture(found: ModelSpec, given: ModelSpec, exclude: Iterable[str]) -> None:
-    diff = [
-        f"{f.name}: checkpoint {getattr(found, f.name)!r} vs given {getattr(given, f.name)!r}"
-        for f in dataclasses.fields(ModelSpec)
-        if f.name not in exclude and getattr(found, f.name) != getattr(given, f.name)
-    ]
-    if diff:
-        raise ValueError("the given spec disagrees with the checkpoint: " + "; ".join(diff))
