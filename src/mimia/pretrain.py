@@ -135,12 +135,7 @@ def train_mim(
     history: list[dict] = []
     start_epoch = 0
     resume_path = Path(resume_path) if resume_path else None
-    state = None
-    if resume_path and resume_path.exists():
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != fingerprint:
-            print(f"ignoring {resume_path}: made for other data or config", file=sys.stderr)
-            state = None
+    state = _read_resume(resume_path, fingerprint, model, optimizer) if resume_path else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -213,21 +208,84 @@ def train_mim(
 
 
 def _save_resume(path: Path, model, optimizer, gen, epoch, history, fingerprint) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "epoch": epoch,
-            "history": history,
-            "fingerprint": fingerprint,
-        },
-        tmp,
+    from mimia.storage import atomic_path
+
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": epoch,
+        "history": history,
+        "fingerprint": fingerprint,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+_RESUME_KEYS = ("model", "optimizer", "generator", "torch_rng", "epoch", "history", "fingerprint")
+
+
+def _read_resume(path: Path, fingerprint: str, model, optimizer) -> dict | None:
+    """The resume state to continue from, or None to start at epoch 0.
+
+    A file that cannot be read or is not a resume file of this model (corrupt, truncated,
+    foreign, a code-executing pickle) would block the run forever: it is moved aside to
+    ``resume.pt.corrupt-N``, with a line in the log saying why. A resume file of other data or
+    config is left alone (the next checkpoint replaces it).
+    """
+    if not path.exists():
+        return None
+    from mimia.models.checkpoint import torch_load_reason
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        why = _not_resume_file(state)
+    except Exception as e:  # whatever torch makes of a damaged file, training must go on
+        why = f"{type(e).__name__}: {torch_load_reason(e)}"
+    if why is None and state["fingerprint"] != fingerprint:
+        print(f"ignoring {path}: made for other data or config", file=sys.stderr)
+        return None
+    why = why or _does_not_fit(state, model, optimizer)
+    if why is None:
+        return state
+    n = 1
+    while (aside := path.with_name(f"{path.name}.corrupt-{n}")).exists():
+        n += 1
+    os.replace(path, aside)
+    print(
+        f"resume file {path} is unusable ({why}); moved it to {aside} and starting from epoch 0",
+        file=sys.stderr,
     )
-    os.replace(tmp, path)
+    return None
+
+
+def _not_resume_file(state) -> str | None:
+    if isinstance(state, dict) and set(_RESUME_KEYS) <= set(state):
+        return None
+    found = sorted(map(str, state))[:10] if isinstance(state, dict) else type(state).__name__
+    return f"not a mimia resume file: expected keys {list(_RESUME_KEYS)}, found {found}"
+
+
+def _does_not_fit(state: dict, model, optimizer) -> str | None:
+    """Why a resume file of this run's fingerprint cannot be loaded, or None."""
+    mine, theirs = model.state_dict(), state["model"]
+    if not isinstance(theirs, dict) or set(theirs) != set(mine):
+        return "its model weights have other parameter names than this model"
+    bad = [k for k, v in mine.items() if getattr(theirs[k], "shape", None) != v.shape]
+    if bad:
+        return f"its model weights have other shapes than this model ({', '.join(bad[:5])})"
+    rng = [state[k] for k in ("generator", "torch_rng")]
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rng):
+        return "its random generator states are not byte tensors"
+    if not isinstance(state["epoch"], int) or not isinstance(state["history"], list):
+        return "its epoch or history is malformed"
+    opt = state["optimizer"]
+    groups = opt.get("param_groups") if isinstance(opt, dict) else None
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != sizes:
+        return "its optimizer state is for other parameters"
+    return None
 
 
 def resume_path_for(weights_path: str | Path) -> Path:
