@@ -242,7 +242,8 @@ def _read_resume(path: Path, fingerprint: str, model, optimizer) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         why = _not_resume_file(state)
     except Exception as e:  # whatever torch makes of a damaged file, training must go on
-        why = f"{type(e).__name__}: {torch_load_reason(e)}"
+        reason = torch_load_reason(e) or "the data ends early"
+        why = f"{path.stat().st_size} bytes; {type(e).__name__}: {reason}"
     if why is None and state["fingerprint"] != fingerprint:
         print(f"ignoring {path}: made for other data or config", file=sys.stderr)
         return None
