@@ -140,9 +140,7 @@ def test_declared_architecture_is_checked_against_the_config(tmp_path, capsys):
         tmp_path / "out" / "model.safetensors",
     )
     log = capsys.readouterr().err
-    assert (
-        "model.encoder_overrides.depth = 1" in log and "matches the config's model section" in log
-    )
+    assert "model.encoder_overrides.depth = 1" in log and "<- sidecar" in log
     assert load_model(tmp_path / "out" / "model.safetensors").spec.encoder_overrides["depth"] == 1
 
 

@@ -25,7 +25,9 @@ from mimia.pretrain import TrainConfig, train_mim
 from mimia.provenance import write_parquet
 from mimia.storage import NoSpaceError, atomic_path
 
-CFG = TrainConfig(epochs=3, batch_size=8, blr=1e-2, warmup_epochs=1, checkpoint_every=1, seed=1)
+CFG = TrainConfig.from_section(
+    {"epochs": 3, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 1, "checkpoint_every": 1}, seed=1
+)
 
 
 def _images(n=16, seed=0):
@@ -129,7 +131,7 @@ def digits_rows():
     sizes = dict.fromkeys(
         ("target_member", "target_nonmember", "shadow_member", "shadow_nonmember"), 40
     )
-    return src, split_roles(len(src), sizes, 0, "digits", src.labels)
+    return src, split_roles(src.keys, src.content_hashes(), src.labels, sizes, 0, "digits")
 
 
 def test_write_tar_shard_on_a_full_disk(digits_rows, full_disk):
@@ -153,7 +155,6 @@ def test_extract_shard_on_a_full_disk(digits_rows, tiny_spec, tmp_path, full_dis
             final,
             model_name="target",
             decoder="released",
-            is_member=lambda s: True,
             seed=0,
             mask_ratios=[0.75],
             num_masks=2,
