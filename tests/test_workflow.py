@@ -129,7 +129,7 @@ def test_second_run_has_nothing_to_do_and_uses_the_workflow_profile(finished):
     run = _snakemake(finished.parent, "--dry-run")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Nothing to be done" in run.stdout + run.stderr
-    assert "Using workflow specific profile profiles/default" in run.stdout + run.stderr
+    assert re.search(r"Using workflow specific profile \S*profiles/default", run.stdout + run.stderr)
 
 
 def _scheduled(workdir: Path, config: dict) -> dict[str, int]:

@@ -22,7 +22,7 @@ def attach_decoder(target: MIMModel, shadow: MIMModel) -> MIMModel:
         raise ValueError(
             f"shadow recipe {shadow.spec.recipe!r} differs from target {target.spec.recipe!r}"
         )
-    for field in ("img_size", "patch_size", "in_chans"):
+    for field in ("img_size", "patch_size", "in_chans", "norm_eps"):
         if getattr(target.spec, field) != getattr(shadow.spec, field):
             raise ValueError(
                 f"shadow {field}={getattr(shadow.spec, field)} differs from target "

@@ -157,8 +157,7 @@ def collect_errors(paths: Sequence[str | Path], out_path: str | Path) -> None:
     """Concatenate per-shard error tables; all must come from the same split and seed."""
     import polars as pl
 
-    from mimia.models.checkpoint import file_sha256
-    from mimia.provenance import provenance, read_metadata, write_parquet
+    from mimia.provenance import file_sha256, provenance, read_metadata, write_parquet
 
     metas = [read_metadata(p) for p in paths]
     for key in ("manifest_sha256", "seed"):

@@ -141,20 +141,12 @@ def import_target(
     from mimia.models import ModelSpec
     from mimia.models.checkpoint import import_checkpoint, save_model
 
-    given = ModelSpec.from_dict(spec)
-    model, info = import_checkpoint(
-        checkpoint, format, given if format in ("timm", "mae") else None
-    )
-    from mimia.models.spec import spec_differences
-
-    ignore = ["mean", "std"] + (
-        [] if needs_decoder else [f for f in spec if f.startswith("decoder_")]
-    )
-    diff = spec_differences(model.spec, given, ignore=ignore)
-    if diff:
-        raise ValueError(
-            f"target checkpoint {checkpoint} differs from the model section: {'; '.join(diff)}"
-        )
+    # A released encoder keeps its own normalisation, and in the encoder-only modes its
+    # decoder is replaced, so those fields need not match the model section.
+    ignore = ["mean", "std"] if format == "mimia" else []
+    if not needs_decoder:
+        ignore += [f for f in spec if f.startswith("decoder_")]
+    model, info = import_checkpoint(checkpoint, format, ModelSpec.from_dict(spec), ignore=ignore)
     if needs_decoder and not info["decoder_released"]:
         raise ValueError(
             f"target checkpoint {checkpoint} has no decoder, so decoder mode 'released' cannot "
@@ -187,9 +179,9 @@ def adapt_decoder(
 
     from mimia.data.shards import load_images
     from mimia.decoders import adapt_decoder as adapt
-    from mimia.models.checkpoint import file_sha256, load_model
+    from mimia.models.checkpoint import load_model
     from mimia.pretrain import resume_path_for, save_trained
-    from mimia.provenance import read_metadata
+    from mimia.provenance import file_sha256, read_metadata
 
     rows = pl.read_parquet(manifest)
     ids = set(rows.filter(pl.col("role").is_in(SHADOW_ROLES))["sample_id"])
@@ -247,9 +239,8 @@ def extract(
     """Reconstruction errors of one shard under the K masks of every mask ratio, for the
     scoring model (``checkpoint``'s encoder with the decoder ``decoder`` names)."""
     from mimia.extract import extract_shard, scoring_model
-    from mimia.models.checkpoint import file_sha256
     from mimia.pretrain import resolve_device
-    from mimia.provenance import provenance, read_metadata
+    from mimia.provenance import file_sha256, provenance, read_metadata
 
     if model != TARGET and decoder != REFERENCE_DECODER:
         raise ValueError(f"shadow models are scored with their own decoder, not {decoder!r}")
@@ -302,8 +293,8 @@ def embed(
 ) -> None:
     """EncoderMI features: similarities of the encoder's embeddings of augmented views."""
     from mimia.extract import embed_shards
-    from mimia.models.checkpoint import file_sha256, load_model
-    from mimia.provenance import provenance, read_metadata, write_parquet
+    from mimia.models.checkpoint import load_model
+    from mimia.provenance import file_sha256, provenance, read_metadata, write_parquet
 
     table = embed_shards(
         load_model(checkpoint), shards, model, seed, num_views, runtime["batch_size"]

@@ -39,7 +39,6 @@ Pickled files (``.pth``, ``.bin``, ``.pt``, ``.ckpt``) are read only through
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import pickle
@@ -69,6 +68,7 @@ from mimia.models.spec import (
     spec_differences,
     spec_from_fields,
 )
+from mimia.provenance import file_sha256
 from mimia.storage import atomic_path
 
 __all__ = [
@@ -177,14 +177,6 @@ def load_model(weights: str | Path, device: str = "cpu") -> MIMModel:
     model = build_model(spec)
     _load_part(model, _load_safetensors(weights), f"checkpoint {weights}")
     return model.to(device).eval()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- reading foreign weight files ---------------------------------------------------------------
