@@ -20,8 +20,8 @@ rule attack:
         mem_mb=4000,
         runtime=30,
     params:
-        decoder=lambda wc: wc.decoder,
-        attack=lambda wc: wc.attack,
+        decoder="{decoder}",
+        attack="{attack}",
         params=from_exp(attack_entry),
         metrics_config=from_exp(lambda e, wc: section(e, "metrics")),
         seed=from_exp(lambda e, wc: e["seed"]),

@@ -42,7 +42,7 @@ rule membership:
         mem_mb=2000,
         runtime=10,
     params:
-        model=lambda wc: wc.model,
+        model="{model}",
         seed=from_exp(lambda e, wc: e["seed"]),
         online=from_exp(lambda e, wc: e["shadow"]["online"] and wc.model != "shadow0"),
     script:
@@ -67,7 +67,7 @@ rule shard:
     params:
         dataset=from_exp(lambda e, wc: section(e, "dataset")),
         shard_size=from_exp(lambda e, wc: e["split"]["shard_size"]),
-        role=lambda wc: wc.role,
+        role="{role}",
         index=lambda wc: int(wc.shard),
     script:
         STAGE

@@ -21,8 +21,8 @@ rule extract:
         mem_mb=4000,
         runtime=120,
     params:
-        model=lambda wc: wc.model,
-        decoder=lambda wc: wc.decoder,
+        model="{model}",
+        decoder="{decoder}",
         seed=from_exp(lambda e, wc: e["seed"]),
         mask_ratios=from_exp(lambda e, wc: e["extract"]["mask_ratios"]),
         num_masks=from_exp(lambda e, wc: e["extract"]["num_masks"]),
@@ -71,7 +71,7 @@ rule embed:
         mem_mb=4000,
         runtime=120,
     params:
-        model=lambda wc: wc.model,
+        model="{model}",
         seed=from_exp(lambda e, wc: e["seed"]),
         num_views=from_exp(lambda e, wc: e["embed"]["num_views"]),
     script:

@@ -24,7 +24,7 @@ rule pretrain:
         mem_mb=8000,
         runtime=240,
     params:
-        model=lambda wc: wc.model,
+        model="{model}",
         spec=from_exp(lambda e, wc: model_spec(e).to_dict()),
         train=from_exp(lambda e, wc: section(e, "pretrain")),
         seed=from_exp(lambda e, wc: e["seed"]),

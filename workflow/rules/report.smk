@@ -26,7 +26,7 @@ rule reconstructions:
         mem_mb=2000,
         runtime=10,
     params:
-        decoder=lambda wc: wc.decoder,
+        decoder="{decoder}",
         seed=from_exp(lambda e, wc: e["seed"]),
         mask_ratio=from_exp(lambda e, wc: e["extract"]["mask_ratios"][0]),
         grid_samples=from_exp(lambda e, wc: e["extract"]["grid_samples"]),
@@ -51,7 +51,7 @@ rule experiment_metrics:
         mem_mb=1000,
         runtime=10,
     params:
-        experiment=lambda wc: wc.experiment,
+        experiment="{experiment}",
         seed=from_exp(lambda e, wc: e["seed"]),
         ablation=from_exp(lambda e, wc: e.get("ablation")),
     script:
@@ -94,7 +94,7 @@ rule figures:
         mem_mb=2000,
         runtime=10,
     params:
-        experiment=lambda wc: wc.experiment,
+        experiment="{experiment}",
     script:
         STAGE
 
@@ -145,6 +145,6 @@ rule ablation_plot:
         mem_mb=1000,
         runtime=10,
     params:
-        ablation=lambda wc: wc.ablation,
+        ablation="{ablation}",
     script:
         STAGE
