@@ -7,6 +7,7 @@ cannot start fails the test instead. Wall times go to the terminal summary and t
 $MIMIA_SLURM_TIMES (JSON) when set.
 """
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -88,19 +89,25 @@ def cluster(tmp_path_factory):
         _unavailable("snakemake-executor-plugin-slurm is not installed (extra `slurm`)")
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
         _unavailable("no slurm-wlm and no apt-get to install it")
-    installed = _cluster("install", timeout=960)
-    if installed.returncode:
-        _unavailable(f"installing slurm-wlm failed: {installed.stderr[-2000:]}")
-    state = tmp_path_factory.mktemp("slurm")
-    try:
-        started = _cluster("start", str(state), timeout=120)
-        if started.returncode == 3:
-            _unavailable(started.stderr.strip())
-        assert started.returncode == 0, started.stderr[-3000:]
-        yield state
-    finally:
-        stopped = _cluster("stop", str(state), timeout=120)
-        assert stopped.returncode == 0, stopped.stderr
+    # One cluster per machine: it owns /etc/slurm/slurm.conf and the SLURM ports.
+    with (tmp_path_factory.getbasetemp().parent / "mimia-slurm.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _unavailable("another SLURM test is using this machine's cluster")
+        installed = _cluster("install", timeout=960)
+        if installed.returncode:
+            _unavailable(f"installing slurm-wlm failed: {installed.stderr[-2000:]}")
+        state = tmp_path_factory.mktemp("slurm")
+        try:
+            started = _cluster("start", str(state), timeout=120)
+            if started.returncode == 3:
+                _unavailable(started.stderr.strip())
+            assert started.returncode == 0, started.stderr[-3000:]
+            yield state
+        finally:
+            stopped = _cluster("stop", str(state), timeout=120)
+            assert stopped.returncode == 0, stopped.stderr
 
 
 def _snakemake(workdir: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:

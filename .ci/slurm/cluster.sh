@@ -99,6 +99,14 @@ CONF
 
 stop() {
   local dir=$1 pidfile pid
+  # Jobs first (a run stopped by a timeout may leave some), so no job step outlives slurmd.
+  if [[ -s $dir/slurmctld.pid ]] && kill -0 "$(<"$dir/slurmctld.pid")" 2>/dev/null; then
+    scancel --quiet --user="$(id -un)" 2>/dev/null || true
+    for _ in $(seq 30); do
+      [[ -z $(squeue --noheader --states=RUNNING,COMPLETING 2>/dev/null) ]] && break
+      sleep 1
+    done
+  fi
   for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid"; do
     [[ -s $pidfile ]] || continue
     pid=$(<"$pidfile")
