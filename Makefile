@@ -5,8 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= all
 # torch and torchvision are pinned together: the pair is served from local disk on our
-# build machines and torchvision must match torch's ABI.
-TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# build machines and torchvision must match torch's ABI. The pins are pyproject.toml's.
+TORCH_PINS ?= $(shell sed -nE 's/^ *"(torch(vision)?==[^"]+)",?$$/\1/p' pyproject.toml)
 
 .PHONY: run test lint format report clean venv
 

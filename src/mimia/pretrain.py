@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mimia import distributed
 from mimia.masking import random_masks
 from mimia.models.base import MIMModel
 
@@ -45,6 +46,7 @@ class TrainConfig:
     augment: bool
     crop_scale: tuple[float, float]
     checkpoint_every: int
+    devices: int
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -63,7 +65,8 @@ class TrainConfig:
 
     @property
     def lr(self) -> float:
-        return self.blr * self.batch_size * self.accum_iter / 256
+        """MAE's rule on the effective batch: per-process batch x accumulation x processes."""
+        return self.blr * self.batch_size * self.accum_iter * self.devices / 256
 
     def fingerprint(self) -> str:
         """What the trained weights depend on (a resume file must match it): not the device."""
@@ -125,8 +128,32 @@ def train_mim(
     ``trainable`` restricts the optimised parameters (decoder adaptation on a frozen encoder).
     ``stop_after_epoch`` ends the run early, as a kill would, for resume tests.
     A resume file whose ``fingerprint`` (of the data and config) differs is not resumed.
+
+    ``cfg.devices > 1`` trains in that many processes (``mimia.distributed``), each on
+    ``cfg.batch_size`` images of every global batch of ``batch_size * devices``: the data
+    order, masks and augmentations are those of one process on the global batch, so the loss
+    trajectory matches a one-process run with the global batch up to float rounding.
     """
-    device = resolve_device(cfg.device)
+    rank, world_size = distributed.world()
+    if cfg.devices > 1 and images.shape[0] < cfg.batch_size * cfg.devices:
+        raise ValueError(
+            f"{images.shape[0]} training images are fewer than one global batch of "
+            f"{cfg.batch_size * cfg.devices} ({cfg.devices} processes x batch_size "
+            f"{cfg.batch_size})"
+        )
+    if cfg.devices > 1 and world_size == 1:
+        return distributed.launch(
+            model,
+            images,
+            cfg,
+            resume_path=resume_path,
+            trainable=trainable,
+            stop_after_epoch=stop_after_epoch,
+            fingerprint=fingerprint,
+        )
+    if world_size != cfg.devices:
+        raise ValueError(f"devices={cfg.devices} but this process group has {world_size} processes")
+    device = distributed.local_device(resolve_device(cfg.device))
     model.to(device).train()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -144,14 +171,22 @@ def train_mim(
         history, start_epoch = state["history"], state["epoch"] + 1
         print(f"resumed from {resume_path} after epoch {state['epoch']}", file=sys.stderr)
 
-    forward = torch.compile(model) if cfg.compile else model
+    forward = model
+    if world_size > 1:
+        # Averages gradients over ranks in backward: the step sees the global batch's gradient.
+        forward = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    forward = torch.compile(forward) if cfg.compile else forward
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if device.type == "cuda"
         else contextlib.nullcontext()
     )
     n, bs = images.shape[0], cfg.batch_size
-    steps = max(n // bs, 1)  # drop_last, as MAE's loader
+    global_bs = bs * world_size
+    steps = max(n // global_bs, 1)  # drop_last, as MAE's loader
+    mine = slice(rank * bs, (rank + 1) * bs)
     for epoch in range(start_epoch, cfg.epochs):
         t0, total = time.perf_counter(), 0.0
         order = torch.randperm(n, generator=gen)
@@ -161,7 +196,7 @@ def train_mim(
             file=sys.stderr,
             leave=True,  # one bar per epoch stays in the rule's log
             mininterval=10.0,
-            disable=False,
+            disable=rank != 0,
         )
         optimizer.zero_grad(set_to_none=True)
         for step in bar:
@@ -169,26 +204,36 @@ def train_mim(
                 lr = lr_at(epoch + step / steps, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-            batch = images[order[step * bs : (step + 1) * bs]]
+            # Every rank draws the whole global batch's augmentations and masks from the same
+            # generators, then keeps its own slice: the random streams stay in step.
+            batch = images[order[step * global_bs : (step + 1) * global_bs]]
             if cfg.augment:
                 batch = _augment(batch, cfg)
-            batch = batch.to(device, non_blocking=True).float().div_(255)
             mask = random_masks(
                 batch.shape[0],
                 model.spec.num_patches,
                 cfg.mask_ratio,
                 generator=gen,
                 block_size=model.spec.mask_block,
-            ).to(device)
-            with autocast:
-                loss = forward(batch, mask)[0].mean()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}")
-            (loss / cfg.accum_iter).backward()
-            if (step + 1) % cfg.accum_iter == 0 or step + 1 == steps:
+            )
+            if world_size > 1:
+                batch, mask = batch[mine], mask[mine]
+            batch = batch.to(device, non_blocking=True).float().div_(255)
+            mask = mask.to(device)
+            sync = (step + 1) % cfg.accum_iter == 0 or step + 1 == steps
+            # Gradients are averaged over ranks only on the micro-step that updates.
+            no_sync = forward.no_sync() if world_size > 1 and not sync else contextlib.nullcontext()
+            with no_sync:
+                with autocast:
+                    loss = forward(batch, mask)[0].mean()
+                global_loss = distributed.mean_over_ranks(loss.detach()).item()
+                if not math.isfinite(global_loss):
+                    raise FloatingPointError(f"loss is {global_loss} at epoch {epoch} step {step}")
+                (loss / cfg.accum_iter).backward()
+            if sync:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            total += loss.item()
+            total += global_loss
         history.append(
             {
                 "epoch": epoch,
@@ -197,9 +242,10 @@ def train_mim(
                 "seconds": time.perf_counter() - t0,
             }
         )
-        print(f"epoch {epoch} loss {total / steps:.5f}", file=sys.stderr)
+        if rank == 0:
+            print(f"epoch {epoch} loss {total / steps:.5f}", file=sys.stderr)
         last = epoch + 1 == cfg.epochs
-        if resume_path and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
+        if rank == 0 and resume_path and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
             _save_resume(resume_path, model, optimizer, gen, epoch, history, fingerprint)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
