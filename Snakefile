@@ -39,7 +39,6 @@ include: "workflow/rules/report.smk"
 localrules:
     all,
     membership,
-    collect_errors,
     experiment_metrics,
     summary,
     ablation_plot,

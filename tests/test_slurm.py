@@ -34,6 +34,7 @@ RUN_TIMEOUT = 1500  # seconds per workflow run; then SIGINT, which cancels the S
 CONFIG = {
     "gpu": 1,
     "defaults": {
+        "runtime": {"batch_size": 20, "num_workers": 0},
         "seed": 1,
         "dataset": {"name": "digits", "img_size": 16},
         "split": {
@@ -54,13 +55,7 @@ CONFIG = {
         "adapt": {"epochs": 1, "batch_size": 10, "warmup_epochs": 0},  # validated, not run
         "shadow": {"count": 1},
         "decoder": ["shadow"],
-        "extract": {
-            "mask_ratios": [0.75],
-            "num_masks": 2,
-            "batch_size": 20,
-            "num_workers": 0,
-            "grid_samples": 2,
-        },
+        "extract": {"mask_ratios": [0.75], "num_masks": 2, "grid_samples": 2},
         "attacks": {"threshold": {}},
         "metrics": {"n_bootstrap": 20},
     },
@@ -215,9 +210,11 @@ def test_cluster_run_reproduces_the_local_summary_byte_for_byte(runs):
 
 def test_every_submission_completed_and_small_jobs_shared_them(runs):
     _, _, jobs, n_jobs = runs
-    assert n_jobs == 19  # split, 4 shards, 2 models, 6 extractions, 1 figure, ..., summary
+    # manifest, membership, 4 shards, 2 models, 6 extractions, 1 reconstruction figure,
+    # collect_errors, attack, experiment_metrics, figures, summary
+    assert n_jobs == 20
     assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
-    # One submission for split + 4 shards (4 fewer), one for the 6 extractions and the
+    # One submission for manifest + 4 shards (4 fewer), one for the 6 extractions and the
     # reconstruction figure (6 fewer), one for collect_errors + attack (1 fewer); localrules,
     # where the workflow declares them, take more off.
     assert len(jobs) <= n_jobs - 11, (len(jobs), n_jobs)

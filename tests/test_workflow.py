@@ -128,8 +128,9 @@ def test_metrics_are_in_range(finished):
 def test_second_run_has_nothing_to_do_and_uses_the_workflow_profile(finished):
     run = _snakemake(finished.parent, "--dry-run")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "Nothing to be done" in run.stdout + run.stderr
-    assert re.search(r"Using workflow specific profile \S*profiles/default", run.stdout + run.stderr)
+    out = run.stdout + run.stderr
+    assert "Nothing to be done" in out
+    assert re.search(r"Using workflow specific profile \S*profiles/default", out)
 
 
 def _scheduled(workdir: Path, config: dict) -> dict[str, int]:

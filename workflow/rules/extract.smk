@@ -20,6 +20,7 @@ rule extract:
     resources:
         mem_mb=4000,
         runtime=120,
+        gpu=config["gpu"],
     params:
         model="{model}",
         decoder="{decoder}",
@@ -70,6 +71,7 @@ rule embed:
     resources:
         mem_mb=4000,
         runtime=120,
+        gpu=config["gpu"],
     params:
         model="{model}",
         seed=from_exp(lambda e, wc: e["seed"]),

@@ -23,6 +23,7 @@ rule pretrain:
     resources:
         mem_mb=8000,
         runtime=240,
+        gpu=config["gpu"],
     params:
         model="{model}",
         spec=from_exp(lambda e, wc: model_spec(e).to_dict()),
@@ -79,6 +80,7 @@ rule adapt_decoder:
     resources:
         mem_mb=8000,
         runtime=120,
+        gpu=config["gpu"],
     params:
         train=from_exp(lambda e, wc: section(e, "adapt")),
         seed=from_exp(lambda e, wc: e["seed"]),
