@@ -70,8 +70,9 @@ SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
 # No slurmdbd: the plugin reads job states with squeue, which sees a finished job for
-# MinJobAge seconds; the plugin wants at least 3x its first status-check delay.
-MinJobAge=600
+# MinJobAge seconds (the plugin wants at least 3x its first status-check delay). An hour, so
+# that the test can still list every job of a slow run at its end.
+MinJobAge=3600
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 GresTypes=gpu

@@ -168,7 +168,8 @@ def _worker(payload_path: str, result_path: str) -> None:
 
     if "MIMIA_PARENT_PID" in os.environ:
         _exit_with_parent(int(os.environ["MIMIA_PARENT_PID"]))
-    job = torch.load(payload_path, map_location="cpu", weights_only=True)
+    # Memory-mapped: the ranks share one page-cached copy of the images.
+    job = torch.load(payload_path, map_location="cpu", weights_only=True, mmap=True)
     torch.set_num_threads(job["threads"])
     cfg = TrainConfig(**job["cfg"])
     device = resolve_device(cfg.device)
