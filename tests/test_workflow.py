@@ -72,7 +72,7 @@ def _snakemake(
         capture_output=True,
         text=True,
         env=env,
-        timeout=1200,
+        timeout=3000,
     )
 
 
