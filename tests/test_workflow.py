@@ -218,16 +218,22 @@ def test_two_workflows_share_trained_models_through_the_cache(tmp_path):
         run = _snakemake(workdir, "--cache", env={"SNAKEMAKE_OUTPUT_CACHE": str(cache)})
         assert run.returncode == 0, run.stderr[-5000:]
         runs[name] = workdir / "results" / f"audit-{name}"
-    pretrain_logs = lambda name: sorted(  # noqa: E731
-        p.name for p in (runs[name].parent / "logs" / f"audit-{name}" / "pretrain").glob("*.log")
-    )
-    assert pretrain_logs("first") == ["shadow0.log", "target.log"]
-    assert pretrain_logs("second") == []  # nothing trained: both models came from the cache
+
+    def ran(name: str, stage: str) -> list[str]:
+        """Jobs of ``stage`` that ran (a job taken from the cache leaves an empty log)."""
+        logs = runs[name].parent / "logs" / f"audit-{name}" / stage
+        return sorted(p.name for p in logs.glob("*.log") if p.read_text().strip())
+
+    assert ran("first", "pretrain") == ["shadow0.log", "target.log"]
+    assert ran("second", "pretrain") == []  # nothing trained: both models came from the cache
+    assert ran("second", "shards") == []
+    log = sorted((runs["second"].parent.parent / ".snakemake" / "log").glob("*.log"))[-1]
     for model in ("target", "shadow0"):
+        weights = f"results/audit-second/models/{model}/model.safetensors"
+        assert f"Symlinking output file {weights} from cache" in log.read_text()
         a = (runs["first"] / "models" / model / "model.safetensors").read_bytes()
         b = (runs["second"] / "models" / model / "model.safetensors").read_bytes()
         assert a == b
-    assert not list((runs["second"].parent / "logs" / "audit-second" / "shards").glob("*.log"))
     first = json.loads((runs["first"] / "metrics.json").read_text())["results"]
     second = json.loads((runs["second"] / "metrics.json").read_text())["results"]
     assert first == second
