@@ -99,6 +99,14 @@ def cluster(tmp_path_factory):
             if started.returncode == 3:
                 _unavailable(started.stderr.strip())
             assert started.returncode == 0, started.stderr[-3000:]
+            # The node offers every CPU the local run gets, or the comparison is unfair.
+            node_cpus = subprocess.run(
+                ["sinfo", "--noheader", "--Node", "--format=%c"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
+            assert node_cpus == [str(len(os.sched_getaffinity(0)))], node_cpus
             yield state
         finally:
             stopped = _cluster("stop", str(state), timeout=120)
@@ -165,7 +173,8 @@ def runs(cluster, tmp_path_factory):
     for workdir in (local, on_slurm):
         (workdir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     # The local baseline gets as many GPU tokens as cores, so its GPU rules run in parallel.
-    local_run, local_s = _snakemake(local, "--cores", "2", "--resources", "gpu=2")
+    cpus = str(len(os.sched_getaffinity(0)))  # as many as the one SLURM node has
+    local_run, local_s = _snakemake(local, "--cores", cpus, "--resources", f"gpu={cpus}")
     assert local_run.returncode == 0, local_run.stdout[-5000:]
     slurm_run, slurm_s = _snakemake(
         on_slurm, "--workflow-profile", str(ROOT / "workflow/profiles/slurm")
