@@ -32,7 +32,9 @@ start() {
   mkdir -p "$dir"/{ctld,spool,munge} "$ETC"
   chmod 700 "$dir/munge"
   host=$(hostname -s)
-  cpus=$(nproc)
+  # nproc would obey OMP_NUM_THREADS (1 in the test's environment): the CPUs this machine
+  # gives us, not a thread setting.
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
   # 90 % of the memory: slurmd drains a node that reports less than it was configured with.
   mem=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
   port=${MIMIA_SLURM_PORT:-6817}
