@@ -26,9 +26,6 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / ".ci" / "slurm" / "cluster.sh"
 REQUIRED = os.environ.get("MIMIA_REQUIRE_SLURM") == "1"
-# Opt-in for now (MIMIA_SLURM=1, or MIMIA_REQUIRE_SLURM=1): the test has not yet run against the
-# workflow's current rules on a cluster; .ci/run sets neither until it has.
-WANTED = REQUIRED or os.environ.get("MIMIA_SLURM") == "1"
 RUN_TIMEOUT = 1500  # seconds per workflow run; then SIGINT, which cancels the SLURM jobs
 
 # As small as the workflow allows while every stage runs: one shard per role, a target and a
@@ -81,8 +78,6 @@ def _cluster(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if not WANTED:
-        pytest.skip("SLURM end-to-end test: set MIMIA_SLURM=1 to run it (root, apt-get)")
     if os.geteuid() != 0:
         _unavailable("starting slurmctld/slurmd needs root")
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
