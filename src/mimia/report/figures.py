@@ -77,7 +77,7 @@ def reconstruction_figure(
     across classes with the seed (:func:`pick_across_classes`)."""
     from mimia.data.shards import load_images
 
-    rows = pl.read_parquet(manifest, columns=["sample_id", "label", "role"])
+    rows = pl.read_parquet(manifest, columns=["sample_id", "key", "label", "role"])
     ids, imgs, titles = [], [], []
     for stream, (role, shards, title) in enumerate(
         (
@@ -89,11 +89,13 @@ def reconstruction_figure(
         picked = pick_across_classes(role_rows, n, seed, stream)
         found, images = load_images(list(shards), set(picked))
         where = {sid: i for i, sid in enumerate(found)}
-        label = dict(zip(role_rows["sample_id"], role_rows["label"], strict=True))
+        info = {r["sample_id"]: r for r in role_rows.iter_rows(named=True)}
         for sid in picked:
             ids.append(sid)
             imgs.append(images[where[sid]])
-            titles.append(f"{title}, label {label[sid]}")
+            # The key names the image in the source (e.g. airplane/0066.jpg), for a look.
+            row = info[sid]
+            titles.append(f"{title}, label {row['label']}\n{row['key'][-24:]}")
     reconstruction_grid(model, torch.stack(imgs), ids, titles, seed, mask_ratio, out)
 
 
