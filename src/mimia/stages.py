@@ -323,8 +323,9 @@ def attack(**kwargs) -> None:
 def reconstructions(
     *,
     checkpoint: PathLike,
-    members: PathLike,
-    nonmembers: PathLike,
+    manifest: PathLike,
+    members: Sequence[PathLike],
+    nonmembers: Sequence[PathLike],
     figure: PathLike,
     decoder: str,
     seed: int,
@@ -332,11 +333,14 @@ def reconstructions(
     grid_samples: int,
     shadow_decoder: PathLike | None = None,
 ) -> None:
+    """The reconstruction grid: members and non-members drawn across classes with the seed."""
     from mimia.extract import scoring_model
     from mimia.report.figures import reconstruction_figure
 
     model = scoring_model(decoder, _checkpoints(checkpoint, shadow_decoder))
-    reconstruction_figure(model, members, nonmembers, grid_samples, seed, mask_ratio, figure)
+    reconstruction_figure(
+        model, manifest, members, nonmembers, grid_samples, seed, mask_ratio, figure
+    )
 
 
 def experiment_metrics(
@@ -363,10 +367,13 @@ def figures(
     histograms: PathLike,
     ratios: PathLike,
     experiment: str,
+    seed: int,
 ) -> None:
     from mimia.report.figures import experiment_figures
 
-    experiment_figures(experiment, errors, manifest, metrics, rocs, roc, histograms, ratios)
+    experiment_figures(
+        experiment, errors, manifest, metrics, rocs, roc, histograms, ratios, seed=seed
+    )
 
 
 def summary(

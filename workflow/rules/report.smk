@@ -5,8 +5,9 @@
 rule reconstructions:
     input:
         unpack(scoring_checkpoints),
-        members=lambda wc: shard_files(wc.experiment, ["target_member"])[0],
-        nonmembers=lambda wc: shard_files(wc.experiment, ["target_nonmember"])[0],
+        manifest=PATTERN.manifest,
+        members=lambda wc: shard_files(wc.experiment, ["target_member"]),
+        nonmembers=lambda wc: shard_files(wc.experiment, ["target_nonmember"]),
     output:
         figure=report(
             f"{EXP}/figures/reconstructions-{{decoder}}.png",
@@ -95,6 +96,7 @@ rule figures:
         runtime=10,
     params:
         experiment="{experiment}",
+        seed=from_exp(lambda e, wc: e["seed"]),
     script:
         STAGE
 

@@ -48,18 +48,55 @@ def reconstruction_grid(model, images: torch.Tensor, sample_ids, titles, seed, m
     _save(fig, out)
 
 
-def reconstruction_figure(model, member_shard, nonmember_shard, n, seed, mask_ratio, out):
-    """The reconstruction grid of the first ``n`` images of a member and a non-member shard."""
-    from mimia.data.shards import iter_shards
+def pick_across_classes(rows: pl.DataFrame, n: int, seed: int, stream: int = 0) -> list[str]:
+    """``n`` sample ids of ``rows`` (``sample_id``, ``label``) spread over the labels: the labels
+    in a seeded order, one seeded draw from each in turn, so a class-sorted source does not
+    give ``n`` images of its first class. ``stream`` separates draws sharing one seed."""
+    if n < 1:
+        raise ValueError(f"grid_samples must be at least 1, got {n}")
+    if rows.height == 0:
+        raise ValueError("no images to pick reconstruction samples from")
+    rng = np.random.default_rng((seed, stream))
+    by_label = {
+        label: list(rng.permutation(sorted(group["sample_id"].to_list())))
+        for (label,), group in sorted(rows.group_by("label"), key=lambda t: t[0][0])
+    }
+    order = rng.permutation(sorted(by_label))
+    picked: list[str] = []
+    while len(picked) < min(n, rows.height):
+        for label in order:
+            if by_label[label] and len(picked) < n:
+                picked.append(str(by_label[label].pop()))
+    return picked
 
-    picked = []
-    for shard, title in ((member_shard, "member"), (nonmember_shard, "non-member")):
-        for k, (sid, img, _) in enumerate(iter_shards([shard])):
-            if k >= n:
-                break
-            picked.append((sid, img, title))
-    ids, imgs, titles = zip(*picked, strict=True)
-    reconstruction_grid(model, torch.stack(imgs), list(ids), titles, seed, mask_ratio, out)
+
+def reconstruction_figure(
+    model, manifest, member_shards, nonmember_shards, n, seed, mask_ratio, out
+):
+    """The reconstruction grid of ``n`` members and ``n`` non-members of the target, drawn
+    across classes with the seed (:func:`pick_across_classes`)."""
+    from mimia.data.shards import load_images
+
+    rows = pl.read_parquet(manifest, columns=["sample_id", "key", "label", "role"])
+    ids, imgs, titles = [], [], []
+    for stream, (role, shards, title) in enumerate(
+        (
+            ("target_member", member_shards, "member"),
+            ("target_nonmember", nonmember_shards, "non-member"),
+        )
+    ):
+        role_rows = rows.filter(pl.col("role") == role)
+        picked = pick_across_classes(role_rows, n, seed, stream)
+        found, images = load_images(list(shards), set(picked))
+        where = {sid: i for i, sid in enumerate(found)}
+        info = {r["sample_id"]: r for r in role_rows.iter_rows(named=True)}
+        for sid in picked:
+            ids.append(sid)
+            imgs.append(images[where[sid]])
+            # The key names the image in the source (e.g. airplane/0066.jpg), for a look.
+            row = info[sid]
+            titles.append(f"{title}, label {row['label']}\n{row['key'][-24:]}")
+    reconstruction_grid(model, torch.stack(imgs), ids, titles, seed, mask_ratio, out)
 
 
 def roc_figure(rocs: dict[tuple[str, str], pl.DataFrame], aucs: dict, out, title: str = ""):
@@ -117,36 +154,92 @@ def error_histograms(errors: pl.DataFrame, out, title: str = ""):
     _save(fig, out)
 
 
-def error_vs_mask_ratio(errors: pl.DataFrame, out, title: str = ""):
-    """Mean error (± one standard error) against mask ratio, members vs non-members."""
-    stats = (
+def bootstrap_mean(values, n_bootstrap: int, seed: int, level: float = 0.95):
+    """Mean of ``values`` and its seeded percentile-bootstrap CI (``(mean, low, high)``)."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        raise ValueError("bootstrap of an empty sample")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (n_bootstrap, values.size))].mean(axis=1)
+    low, high = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(values.mean()), float(low), float(high)
+
+
+def mask_ratio_stats(errors: pl.DataFrame, n_bootstrap: int = 1000, seed: int = 0) -> pl.DataFrame:
+    """Per (decoder, mask ratio, membership): mean masked error of the target's images with a
+    bootstrap 95 % CI over images. Each image's K masks are averaged first: they are repeated
+    measurements of one image, not independent samples."""
+    per_image = (
         errors.filter(pl.col("model") == "target")
-        .group_by("decoder", "mask_ratio", "is_member")
-        .agg(
-            pl.col("error").mean().alias("mean"),
-            (pl.col("error").std() / pl.len().sqrt()).alias("sem"),
-        )
-        .sort("mask_ratio")
+        .group_by("decoder", "mask_ratio", "is_member", "sample_id")
+        .agg(pl.col("error").mean())
     )
-    fig, ax = plt.subplots(figsize=(4.6, 3.4))
-    colours = dict(zip(sorted(stats["decoder"].unique()), plt.cm.tab10.colors, strict=False))
-    groups = stats.sort("decoder", "is_member", descending=[False, True])
-    for (decoder, member), sub in groups.group_by("decoder", "is_member", maintain_order=True):
-        ax.errorbar(
-            sub["mask_ratio"],
-            sub["mean"],
-            yerr=sub["sem"],
-            marker="o",
-            ms=3,
-            color=colours[decoder],
-            ls="-" if member else "--",
-            label=f"{decoder}, {'member' if member else 'non-member'}",
+    missing = per_image.filter(pl.col("is_member").is_null())
+    if missing.height:
+        raise ValueError(
+            f"{missing.height} error rows name samples that are not target images, "
+            f"e.g. {missing['sample_id'][0]!r}"
         )
-    ax.set_yscale("log")
-    ax.set_xlabel("mask ratio"), ax.set_ylabel("mean masked reconstruction error")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6.5)
-    _save(fig, out)
+    rows = []
+    for (decoder, ratio, member), sub in per_image.group_by("decoder", "mask_ratio", "is_member"):
+        # In sample-id order: the draws, hence the CI, must not depend on group order.
+        values = sub.sort("sample_id")["error"].to_numpy()
+        mean, low, high = bootstrap_mean(values, n_bootstrap, seed)
+        rows.append((decoder, ratio, member, sub.height, mean, low, high))
+    schema = ["decoder", "mask_ratio", "is_member", "n_images", "mean", "ci_low", "ci_high"]
+    return pl.DataFrame(rows, schema=schema, orient="row").sort(
+        "decoder", "mask_ratio", "is_member", descending=[False, False, True]
+    )
+
+
+MEMBER_STYLE = {
+    True: {"color": "tab:red", "marker": "o", "ls": "-", "label": "member"},
+    False: {"color": "tab:blue", "marker": "s", "ls": "--", "label": "non-member"},
+}
+
+
+def error_vs_mask_ratio(errors: pl.DataFrame, out, title: str = "", seed: int = 0):
+    """Mean masked error of members and non-members against the mask ratio, one panel per
+    decoder, with bootstrap 95 % CIs over images (:func:`mask_ratio_stats`). With one mask
+    ratio the two groups are side-by-side points."""
+    stats = mask_ratio_stats(errors, seed=seed)
+    decoders = sorted(stats["decoder"].unique())
+    ratios = sorted(stats["mask_ratio"].unique())
+    step = min(np.diff(ratios)) if len(ratios) > 1 else 0.1
+    fig, axes = plt.subplots(
+        1, len(decoders), figsize=(max(4.4, 3.6 * len(decoders)), 3.6), squeeze=False, sharey=True
+    )
+    for ax, decoder in zip(axes[0], decoders, strict=True):
+        for member in (True, False):
+            sub = stats.filter((pl.col("decoder") == decoder) & (pl.col("is_member") == member))
+            style = dict(MEMBER_STYLE[member])
+            # Side by side, so that overlapping CIs stay readable.
+            x = sub["mask_ratio"].to_numpy() + (-0.06 if member else 0.06) * step
+            mean = sub["mean"].to_numpy()
+            yerr = np.vstack([mean - sub["ci_low"].to_numpy(), sub["ci_high"].to_numpy() - mean])
+            n = sub["n_images"].max()
+            style["label"] = f"target {style['label']}s (n={n})"
+            ax.errorbar(x, mean, yerr=yerr, ms=4, capsize=3, lw=1.2, **style)
+        ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
+        ax.set_xlim(ratios[0] - 0.5 * step, ratios[-1] + 0.5 * step)
+        ax.set_xlabel("mask ratio")
+        ax.set_title(f"decoder: {decoder}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean masked reconstruction error")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=2,
+        fontsize=7,
+        title="mean, bootstrap 95 % CI over images",
+        title_fontsize=7,
+        frameon=False,
+    )
+    _save(fig, out, tight=False)
 
 
 def ablation_figure(summary: pl.DataFrame, ablation: str, out):
@@ -183,8 +276,9 @@ def ablation_figure(summary: pl.DataFrame, ablation: str, out):
     _save(fig, out)
 
 
-def _save(fig, out) -> None:
-    fig.tight_layout()
+def _save(fig, out, tight: bool = True) -> None:
+    if tight:
+        fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -200,7 +294,15 @@ def target_errors(errors_path, manifest_path) -> pl.DataFrame:
 
 
 def experiment_figures(
-    experiment, errors_path, manifest_path, metrics_path, roc_paths, out_roc, out_hist, out_ratio
+    experiment,
+    errors_path,
+    manifest_path,
+    metrics_path,
+    roc_paths,
+    out_roc,
+    out_hist,
+    out_ratio,
+    seed: int = 0,
 ):
     from mimia.provenance import read_metadata
 
@@ -213,4 +315,4 @@ def experiment_figures(
     roc_figure(rocs, aucs, out_roc, title=experiment)
     errors = target_errors(errors_path, manifest_path)
     error_histograms(errors, out_hist, title=experiment)
-    error_vs_mask_ratio(errors, out_ratio, title=experiment)
+    error_vs_mask_ratio(errors, out_ratio, title=experiment, seed=seed)

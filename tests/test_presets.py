@@ -1,0 +1,188 @@
+"""Every shipped preset dry-runs against a small image folder the test writes: the preset with
+a second config file that points its dataset there and shrinks the roles to fit (Snakemake
+merges several --configfile), checked for the rules it schedules and the models it trains."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from snakemake.utils import update_config
+
+from mimia.config import model_spec, resolve_experiments
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ROOT / "config" / "presets"
+ROLES = ("target_member", "target_nonmember", "shadow_member", "shadow_nonmember")
+ARCHS = {  # timm encoder -> (embed_dim, depth, num_heads) the preset trains
+    "vit_tiny_patch16_224": (192, 12, 3),
+    "vit_small_patch16_224": (384, 12, 6),
+    "vit_base_patch16_224": (768, 12, 12),
+}
+# preset -> (img_size, patch_size, SimMIM mask patch in pixels)
+PAPER = {
+    "cifar10.yaml": (32, 4, 8),
+    "cifar100.yaml": (32, 4, 8),
+    "stl10.yaml": (96, 16, 32),
+    "imagenet-subset.yaml": (224, 16, 32),
+}
+JOB = re.compile(r"^(?:local)?rule (\w+):\n((?:    .*\n)*)", re.M)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """``<class>/<image>.png``: 3 classes x 8 images of 8 x 8 pixels."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("presets") / "images"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(8):
+            img = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def _override(folder: Path, preset: dict) -> dict:
+    """Point the dataset at the test folder; roles of 4 images; batches that fit them."""
+    extra = {
+        "results": "out",
+        "defaults": {
+            "dataset": {"name": "image_folder", "path": str(folder)},
+            "split": {**dict.fromkeys(ROLES, 4), "shard_size": 4},
+            "pretrain": {"batch_size": 2},
+            "adapt": {"batch_size": 2},
+        },
+    }
+    if "members" in preset.get("ablations", {}):
+        extra["ablations"] = {"members": {"values": [2, 4]}}
+    return extra
+
+
+def _dry_run(tmp_path: Path, preset: Path, extra: dict) -> tuple[dict, list[tuple[str, dict]]]:
+    """The merged config (as Snakemake merges --configfile files) and the scheduled jobs."""
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump(extra))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"),
+            "--directory", str(tmp_path), "--cores", "2", "--dry-run", "--cache",
+            "--configfile", str(preset), str(tmp_path / "extra.yaml"),
+        ],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "SNAKEMAKE_OUTPUT_CACHE": str(cache)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    jobs = []
+    for rule, body in JOB.findall(run.stdout):
+        found = re.search(r"^    wildcards: (.*)$", body, re.M)
+        pairs = (p.split("=", 1) for p in found.group(1).split(", ")) if found else ()
+        jobs.append((rule, dict(pairs)))
+    config = yaml.safe_load(preset.read_text())
+    update_config(config, extra)
+    return config, jobs
+
+
+def _count(jobs, rule, **wildcards) -> int:
+    return sum(r == rule and all(w.get(k) == v for k, v in wildcards.items()) for r, w in jobs)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_preset_dry_runs_the_paper_settings(tmp_path, folder, name):
+    preset = PRESETS / name
+    raw = yaml.safe_load(preset.read_text())
+    config, jobs = _dry_run(tmp_path, preset, _override(folder, raw))
+    experiments = resolve_experiments(config)
+    img, patch, mask_patch = PAPER[name]
+    estimates = dict(re.findall(r"^#@gpu-hours (\S+): ([0-9.]+) ", preset.read_text(), re.M))
+    assert sorted(estimates) == sorted(experiments)
+    assert len(experiments) == 6
+    seen = set()
+    for exp_name, exp in experiments.items():
+        spec = model_spec(exp)
+        assert float(estimates[exp_name]) > 0
+        assert (spec.img_size, spec.patch_size, spec.encoder_overrides) == (img, patch, {})
+        timm_dims = ARCHS[spec.encoder]
+        seen.add((spec.recipe, spec.encoder))
+        if spec.recipe == "mae":
+            big = spec.encoder == "vit_base_patch16_224"
+            decoder = (512, 8, 16) if big else (256, 4, 8)
+            assert (spec.decoder_embed_dim, spec.decoder_depth, spec.decoder_num_heads) == decoder
+            assert exp["pretrain"]["mask_ratio"] == exp["extract"]["mask_ratios"][0] == 0.75
+            assert exp["pretrain"]["blr"] == 1.5e-4 and exp["pretrain"]["warmup_epochs"] == 40
+        else:
+            assert spec.mask_patch_size == mask_patch and spec.mask_block == 2
+            assert exp["pretrain"]["mask_ratio"] == exp["extract"]["mask_ratios"][0] == 0.6
+            assert exp["pretrain"]["betas"] == [0.9, 0.999]
+        assert exp["pretrain"]["epochs"] == 800 and exp["pretrain"]["augment"]
+        assert exp["dataset"]["path"] == str(folder) and timm_dims
+        # Every model of the experiment is trained, each decoder mode scored, every attack run.
+        models = ["target"] + [f"shadow{i}" for i in range(exp["shadow"]["count"])]
+        assert exp["shadow"]["count"] == 4
+        for model in models:
+            assert _count(jobs, "pretrain", experiment=exp_name, model=model) == 1
+        assert _count(jobs, "adapt_decoder", experiment=exp_name) == 1
+        for decoder in ("released", "shadow", "adapted"):
+            assert (
+                _count(jobs, "extract", experiment=exp_name, model="target", decoder=decoder) == 2
+            )
+            assert _count(jobs, "attack", experiment=exp_name, decoder=decoder) == len(
+                exp["attacks"]
+            )
+        assert _count(jobs, "extract", experiment=exp_name, model="shadow3") == 4
+        assert _count(jobs, "manifest", experiment=exp_name) == 1
+    assert seen == {(r, e) for r in ("mae", "simmim") for e in ARCHS}
+
+
+def test_cifar10_cpu_study_dry_runs_its_sweeps(tmp_path, folder):
+    preset = PRESETS / "cifar10-cpu-study.yaml"
+    raw = yaml.safe_load(preset.read_text())
+    config, jobs = _dry_run(tmp_path, preset, _override(folder, raw))
+    experiments = resolve_experiments(config)
+    base = experiments["cifar10-study"]
+    spec = model_spec(base)
+    assert (spec.img_size, spec.patch_size, spec.encoder_overrides) == (
+        32,
+        4,
+        {"embed_dim": 96, "depth": 4, "num_heads": 4},
+    )
+    assert (spec.decoder_embed_dim, spec.decoder_depth) == (64, 2)
+    assert base["pretrain"]["epochs"] == 60 and base["shadow"]["count"] == 2
+    assert base["extract"] == {"grid_samples": 5, "mask_ratios": [0.75], "num_masks": 8}
+    assert sorted(base["attacks"]) == ["lira", "random", "rmia", "threshold"]
+    sweeps = {name: spec["values"] for name, spec in config["ablations"].items()}
+    assert set(sweeps) == {"epochs", "model_size", "members", "mask_ratio", "shift"}
+    ablated = {n: e["ablation"] for n, e in experiments.items() if e.get("ablation")}
+    assert len(ablated) == sum(len(v) for v in sweeps.values())
+    for name, values in sweeps.items():
+        # Each sweep holds the base's own value, so its plot has the base as one point.
+        parameter = config["ablations"][name]["parameter"]
+        dotted = parameter[0] if isinstance(parameter, list) else parameter
+        section, key = dotted.split(".")
+        assert base[section][key] in values, name
+        assert _count(jobs, "ablation_plot", ablation=name) == 1
+    epochs = {n: e["pretrain"]["epochs"] for n, e in experiments.items()}
+    assert epochs["cifar10-study__epochs-15"] == 15
+    big = model_spec(experiments["cifar10-study__model_size-__embed_dim___128___depth___6_"
+                                 "__num_heads___4_"])  # fmt: skip
+    assert (big.encoder_overrides["embed_dim"], big.encoder_overrides["depth"]) == (128, 6)
+    shift = experiments["cifar10-study__shift-0_1_2_3_4"]["split"]["shadow_classes"]
+    assert shift == [0, 1, 2, 3, 4]
+    for exp_name, exp in experiments.items():
+        # The dry run lists every job (an empty cache); the cache then trains each model
+        # once: the experiments equal to the base share its cache keys.
+        for model in ("target", "shadow0", "shadow1"):
+            assert _count(jobs, "pretrain", experiment=exp_name, model=model) == 1
+        assert _count(jobs, "attack", experiment=exp_name) == 4 * len(exp["decoder"])
+        for role in ROLES[:2]:
+            assert _count(jobs, "extract", experiment=exp_name, model="target", role=role) == len(
+                exp["decoder"]
+            )
+    assert _count(jobs, "adapt_decoder") == 1  # only cifar10-study-decoders adapts
+    assert experiments["cifar10-study-decoders"]["decoder"] == ["released", "shadow", "adapted"]
