@@ -26,7 +26,7 @@ rule pretrain:
     params:
         model=lambda wc: wc.model,
         spec=from_exp(lambda e, wc: model_spec(e).to_dict()),
-        train=from_exp(lambda e, wc: section(e, "pretrain")),
+        train=from_exp(lambda e, wc: model_pretrain(e, wc.model)),
         seed=from_exp(lambda e, wc: e["seed"]),
     script:
         STAGE
