@@ -82,6 +82,37 @@ def test_per_sample_gradients_equal_one_backward_pass_per_sample(recipe):
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 
+def test_an_empty_poisson_batch_is_a_noise_only_step():
+    from opacus.optimizers import DPOptimizer
+
+    model = build_model(_spec("mae"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = PerSampleGradients(model)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=8,
+        generator=torch.Generator().manual_seed(0),
+    )
+    try:
+        empty = torch.zeros(0, 3, 16, 16)
+        assert grads.step(empty, torch.zeros(0, 16, dtype=torch.bool)).shape == (0,)
+        optimizer.step()
+    finally:
+        grads.close()
+    steps = []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            steps.append((p.detach() - before[n]).flatten())
+        else:
+            torch.testing.assert_close(p.detach(), before[n])
+    # The noise alone: sigma * C / expected batch = 1.0 * 1.0 / 8 per coordinate, mean 0.
+    steps = torch.cat(steps)
+    assert steps.std().item() == pytest.approx(0.125, rel=0.02)
+    assert abs(steps.mean().item()) < 0.01
+
+
 def _cfg(**over):
     section = {"epochs": 3, "batch_size": 8, "warmup_epochs": 1, "blr": 1e-2, "checkpoint_every": 1}
     return TrainConfig.from_section(section | over, seed=3)

@@ -118,10 +118,11 @@ def _check(exp: dict) -> None:
 
 def _check_train_section(section: dict) -> None:
     import jsonschema
+    import yaml
 
-    from mimia.config import _load_schema
+    from mimia.config import SCHEMA_DIR
 
-    full = _load_schema()
+    full = yaml.safe_load((SCHEMA_DIR / "experiment.schema.yaml").read_text())
     schema = {"$defs": full["$defs"], **full["properties"]["pretrain"]}
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(section), key=str)
     if errors:

@@ -259,7 +259,7 @@ def privacy_utility_figure(table: pl.DataFrame, out):
         ax.set_xlabel("linear-probe accuracy of the frozen encoder")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, lw=0.4)
-    axes[1].legend(fontsize=6, loc="best", framealpha=0.85)
+        ax.legend(fontsize=6, loc="best", framealpha=0.85)  # each panel's strongest attack
     fig.suptitle(
         "privacy–utility trade-off: grey dashed = chance, dotted = random-init encoder", fontsize=9
     )
