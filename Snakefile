@@ -33,6 +33,7 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/attack.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/defense.smk"
 
 
 # Quick bookkeeping jobs run where Snakemake runs, never as cluster submissions.

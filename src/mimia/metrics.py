@@ -302,3 +302,80 @@ def evaluate(
         "tpr_at_fpr_rule": TPR_CONVENTIONS[tpr_convention],
     }
     return result
+
+
+# -- empirical privacy audit ----------------------------------------------------------------------
+def clopper_pearson(successes, trials, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided Clopper–Pearson interval ``(low, high)`` of a binomial proportion, elementwise.
+
+    Each bound holds one-sided with probability ``1 - (1 - confidence) / 2``; ``low`` is 0 at 0
+    successes and ``high`` is 1 at ``trials`` successes.
+    """
+    from scipy.stats import beta
+
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    k = np.asarray(successes, dtype=np.float64)
+    n = np.broadcast_to(np.asarray(trials, dtype=np.float64), k.shape)
+    if (n <= 0).any() or (k < 0).any() or (k > n).any():
+        raise ValueError("Clopper–Pearson needs 0 <= successes <= trials and trials > 0")
+    tail = (1.0 - confidence) / 2
+    with np.errstate(invalid="ignore"):
+        low = np.where(k > 0, beta.ppf(tail, k, n - k + 1), 0.0)
+        high = np.where(k < n, beta.ppf(1 - tail, k + 1, n - k), 1.0)
+    return low, high
+
+
+def epsilon_lower_bound(
+    labels, scores, delta: float = 0.0, confidence: float = 0.95, bonferroni: bool = False
+) -> dict[str, float | int | str | bool | None]:
+    """An empirical lower bound on the epsilon of (epsilon, delta)-DP from a membership ROC.
+
+    An (epsilon, delta)-DP training algorithm bounds every membership test:
+    ``TPR <= e^eps FPR + delta`` and ``1 - FPR <= e^eps (1 - TPR) + delta``. At each ROC
+    threshold, Clopper–Pearson bounds (two-sided at ``confidence``, as Jagielski et al. 2020's
+    code: each side at ``1 - (1 - confidence) / 2``, so both hold together with probability
+    >= ``confidence``) give ``TPR_low`` and ``FPR_high``, and
+
+        eps_lb = max over thresholds of max(log((TPR_low - delta) / FPR_high),
+                                            log((1 - FPR_high - delta) / (1 - TPR_low)))
+
+    (0 when no threshold gives a positive value). The maximum is taken over thresholds
+    chosen on the same data: the confidence holds for each threshold, not for the maximum,
+    unless ``bonferroni`` divides ``1 - confidence`` by the number of thresholds. The audited
+    images are the trials, from one trained model: the bound is meaningful when members and
+    non-members were drawn at random from one population, as mimia's split does.
+    """
+    y, s = _check(labels, scores)
+    if not 0.0 <= delta < 1.0:
+        raise ValueError(f"delta must lie in [0, 1), got {delta}")
+    _, pos, neg, _ = _grouped(y, s)
+    tp = np.concatenate([[0.0], np.cumsum(pos)])
+    fp = np.concatenate([[0.0], np.cumsum(neg)])
+    n1, n0 = tp[-1], fp[-1]
+    level = confidence
+    if bonferroni:
+        level = 1.0 - (1.0 - confidence) / len(tp)
+    tpr_low, _ = clopper_pearson(tp, n1, level)
+    _, fpr_high = clopper_pearson(fp, n0, level)
+    # Clopper–Pearson keeps FPR_high > 0 and TPR_low < 1 for finite counts: no division by 0.
+    with np.errstate(divide="ignore"):
+        positive = np.log(np.clip(tpr_low - delta, 0.0, None) / fpr_high)
+        negative = np.log(np.clip(1.0 - fpr_high - delta, 0.0, None) / (1.0 - tpr_low))
+    both = np.stack([positive, negative])
+    side, i = np.unravel_index(int(np.argmax(both)), both.shape)
+    best = float(both[side, i])
+    return {
+        "epsilon_lower_bound": max(best, 0.0),
+        "epsilon_lb_side": "tpr_fpr" if side == 0 else "tnr_fnr",
+        "epsilon_lb_tp": int(tp[i]),
+        "epsilon_lb_fp": int(fp[i]),
+        "epsilon_lb_tpr_low": float(tpr_low[i]),
+        "epsilon_lb_fpr_high": float(fpr_high[i]),
+        "epsilon_lb_delta": float(delta),
+        "epsilon_lb_confidence": float(confidence),
+        "epsilon_lb_bonferroni": bool(bonferroni),
+        "epsilon_lb_thresholds": len(tp),
+        "n_members": int(n1),
+        "n_nonmembers": int(n0),
+    }

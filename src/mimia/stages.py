@@ -89,11 +89,13 @@ def pretrain(
     membership: PathLike | None = None,
 ) -> None:
     """Pre-train the target (on ``target_member``) or shadow model ``model`` (on its
-    membership file's IN images)."""
+    membership file's IN images); ``train.dp`` / ``train.early_stopping`` select DP-SGD or
+    early stopping (:mod:`mimia.defenses`)."""
     import polars as pl
     import torch
 
     from mimia.data.shards import load_images
+    from mimia.defenses import split_defenses
     from mimia.models import ModelSpec, build_model
     from mimia.pretrain import resume_path_for, save_trained, train_mim
     from mimia.provenance import read_metadata
@@ -108,14 +110,13 @@ def pretrain(
         offset = 1 + shadow_index(model)
     if not ids:
         raise ValueError(f"model {model!r} has no training images")
-    _, images = load_images(shards, ids)
-    cfg = _train_config(train, seed + offset, runtime)
+    sample_ids, images = load_images(shards, ids)
+    recipe, dp, early = split_defenses(train)
+    cfg = _train_config(recipe, seed + offset, runtime)
     torch.manual_seed(cfg.seed)
     net = build_model(ModelSpec.from_dict(spec))
     fingerprint = f"{net.spec.to_dict()}|{cfg.fingerprint()}|{sorted(ids)}"
-    history = train_mim(
-        net, images, cfg, resume_path=resume_path_for(weights), fingerprint=fingerprint
-    )
+    resume = resume_path_for(weights)
     info = {
         "model": model,
         "train_config": train,
@@ -124,6 +125,26 @@ def pretrain(
         "manifest_sha256": read_metadata(manifest)["manifest_sha256"],
         "decoder_released": True,
     }
+    if dp is not None:
+        from mimia.config import canonical
+        from mimia.defenses import train_dp
+
+        history, info["dp"] = train_dp(
+            net,
+            images,
+            cfg,
+            dp,
+            resume_path=resume,
+            fingerprint=f"dp|{canonical(dp)}|{fingerprint}",
+        )
+    elif early is not None:
+        from mimia.defenses import train_early_stopped
+
+        history, info["early_stopping"] = train_early_stopped(
+            net, images, sample_ids, cfg, early, resume_path=resume, fingerprint=fingerprint
+        )
+    else:
+        history = train_mim(net, images, cfg, resume_path=resume, fingerprint=fingerprint)
     save_trained(net, history, info, weights, train_log)
     _same_paths(weights, sidecar)
 
@@ -390,6 +411,77 @@ def ablation_plot(*, summary: PathLike, figure: PathLike, ablation: str) -> None
     from mimia.report.figures import ablation_figure
 
     ablation_figure(pl.read_parquet(summary), ablation, figure)
+
+
+# -- defenses and utility -----------------------------------------------------------------------
+def utility(
+    *,
+    checkpoint: PathLike,
+    manifest: PathLike,
+    record: PathLike,
+    split: PathLike,
+    dataset: dict,
+    utility: dict,
+    seed: int,
+    source_fingerprint: str,
+    experiment: str,
+    runtime: dict,
+) -> None:
+    """Linear-probe and k-NN accuracy of the target's frozen encoder on labelled images
+    outside every role (``source_fingerprint`` as in :func:`manifest`)."""
+    from mimia.data.sources import source_fingerprint as fingerprint
+    from mimia.utility import utility_stage
+
+    if fingerprint(dataset) != source_fingerprint:
+        raise RuntimeError(
+            f"dataset {dataset.get('path') or dataset['name']} changed while the workflow ran; "
+            f"run snakemake again"
+        )
+    utility_stage(
+        checkpoint=checkpoint,
+        manifest=manifest,
+        record=record,
+        split=split,
+        dataset=dataset,
+        utility=utility,
+        seed=seed,
+        experiment=experiment,
+        batch_size=runtime["batch_size"],
+    )
+
+
+def privacy_audit(
+    *,
+    scores: Sequence[PathLike],
+    sidecar: PathLike,
+    table: PathLike,
+    record: PathLike,
+    audit: dict,
+    experiment: str,
+) -> None:
+    """The empirical epsilon lower bound of every attack, next to the accountant's epsilon."""
+    from mimia.report.tables import privacy_audit as audit_attacks
+
+    audit_attacks(experiment, scores, sidecar, audit, table, record)
+
+
+def privacy_utility(
+    *,
+    metrics: Sequence[PathLike],
+    privacy: Sequence[PathLike],
+    utility: Sequence[PathLike],
+    figure: PathLike,
+    parquet: PathLike,
+    csv: PathLike,
+    markdown: PathLike,
+    settings: dict,
+) -> None:
+    """The privacy–utility table (``summary_privacy_utility.*``) and figure over experiments."""
+    from mimia.report.figures import privacy_utility_figure
+    from mimia.report.tables import privacy_utility_table
+
+    table = privacy_utility_table(metrics, privacy, utility, settings, parquet, csv, markdown)
+    privacy_utility_figure(table, figure)
 
 
 # -- running a stage from a rule ----------------------------------------------------------------

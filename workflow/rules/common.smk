@@ -6,6 +6,7 @@ from pathlib import Path
 from mimia.attacks import requires_embeddings
 from mimia.config import attack_kind, model_spec, resolve_experiments, section
 from mimia.data.sources import source_fingerprint
+from mimia.defenses import check_experiment, describe, model_pretrain
 from mimia.layout import (
     REFERENCE_DECODER,
     ROLES,
@@ -19,6 +20,8 @@ from mimia.layout import (
 EXPERIMENTS = resolve_experiments(
     config, Path(workflow.basedir) / "workflow" / "schemas"
 )
+for _name, _exp in EXPERIMENTS.items():
+    check_experiment(_name, _exp)
 RESULTS = config["results"]
 EXP = f"{RESULTS}/{{experiment}}"
 LOGS = f"{RESULTS}/logs/{{experiment}}"
@@ -167,8 +170,34 @@ def attack_rocs(experiment):
     return [lay.attack(d, a, "roc") for d in e["decoder"] for a in e["attacks"]]
 
 
+# -- defenses and utility -----------------------------------------------------------------------
+def audited_experiments():
+    """Experiments in the privacy audit and the privacy–utility figure."""
+    return [name for name, e in EXPERIMENTS.items() if e["audit"]["enabled"]]
+
+
+def attack_scores(experiment):
+    e = EXPERIMENTS[experiment]
+    lay = Layout(RESULTS, experiment)
+    return [lay.attack(d, a, "scores") for d in e["decoder"] for a in e["attacks"]]
+
+
+def defense_outputs():
+    outputs = [
+        f"{RESULTS}/{name}/utility.json"
+        for name, e in EXPERIMENTS.items()
+        if e["utility"]["enabled"] or e["audit"]["enabled"]
+    ]
+    if audited_experiments():
+        outputs += [
+            f"{RESULTS}/privacy_utility.png",
+            f"{RESULTS}/summary_privacy_utility.parquet",
+        ]
+    return outputs
+
+
 def final_outputs():
-    outputs = [f"{RESULTS}/summary.parquet"]
+    outputs = [f"{RESULTS}/summary.parquet", *defense_outputs()]
     ablations = {
         e["ablation"]["name"] for e in EXPERIMENTS.values() if e.get("ablation")
     }

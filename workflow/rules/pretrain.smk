@@ -27,7 +27,7 @@ rule pretrain:
     params:
         model="{model}",
         spec=from_exp(lambda e, wc: model_spec(e).to_dict()),
-        train=from_exp(lambda e, wc: section(e, "pretrain")),
+        train=from_exp(lambda e, wc: model_pretrain(e, wc.model)),
         seed=from_exp(lambda e, wc: e["seed"]),
     script:
         STAGE

@@ -316,3 +316,53 @@ def experiment_figures(
     errors = target_errors(errors_path, manifest_path)
     error_histograms(errors, out_hist, title=experiment)
     error_vs_mask_ratio(errors, out_ratio, title=experiment, seed=seed)
+
+
+def privacy_utility_figure(table: pl.DataFrame, out):
+    """Linear-probe accuracy (x) against the strongest attack's TPR at 1 % FPR and AUC (y),
+    one point per experiment, with the probes' Clopper–Pearson and the attacks' bootstrap 95 %
+    CIs as error bars; chance levels dashed, the random-init encoder's accuracy dotted."""
+    from mimia.report.tables import strongest_attacks
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    panels = (
+        (axes[0], "tpr_at_fpr_0.01", "TPR at 1 % FPR (strongest attack)", 0.01),
+        (axes[1], "auc", "AUC (strongest attack)", 0.5),
+    )
+    for ax, metric, label, chance in panels:
+        rows = strongest_attacks(table, metric)
+        colours = plt.cm.tab10.colors
+        for i, row in enumerate(rows.iter_rows(named=True)):
+            x, y = row["linear_probe_accuracy"], row[metric]
+            xerr = [
+                [x - row["linear_probe_accuracy_ci_low"]],
+                [row["linear_probe_accuracy_ci_high"] - x],
+            ]
+            yerr = None
+            if row.get(f"{metric}_ci_low") is not None:
+                yerr = [[y - row[f"{metric}_ci_low"]], [row[f"{metric}_ci_high"] - y]]
+            eps = row["accountant_epsilon"]
+            eps_text = "" if eps is None else (", ε=∞" if np.isinf(eps) else f", ε={eps:.1f}")
+            ax.errorbar(
+                x,
+                y,
+                xerr=xerr,
+                yerr=yerr,
+                marker="o",
+                ms=5,
+                capsize=2,
+                color=colours[i % len(colours)],
+                label=f"{row['experiment']}{eps_text} ({row['attack']}, {row['decoder']})",
+            )
+        ax.axhline(chance, ls="--", c="grey", lw=0.8)
+        baseline = table["random_init_linear_probe_accuracy"].drop_nulls()
+        if baseline.len():
+            ax.axvline(float(baseline[0]), ls=":", c="grey", lw=0.8)
+        ax.set_xlabel("linear-probe accuracy of the frozen encoder")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, lw=0.4)
+        ax.legend(fontsize=6, loc="best", framealpha=0.85)  # each panel's strongest attack
+    fig.suptitle(
+        "privacy–utility trade-off: grey dashed = chance, dotted = random-init encoder", fontsize=9
+    )
+    _save(fig, out)

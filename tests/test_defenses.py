@@ -1,0 +1,353 @@
+"""Defenses: Opacus' per-sample gradients against one backward pass per sample, DP-SGD's
+accounting, determinism and resume, early stopping, the adversary's knowledge of the defense,
+and the defenses example config."""
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mimia.config import resolve_experiments
+from mimia.defenses import (
+    PerSampleGradients,
+    check_experiment,
+    heldout_loss,
+    holdout_split,
+    model_pretrain,
+    train_dp,
+    train_early_stopped,
+)
+from mimia.masking import random_masks
+from mimia.models import ModelSpec, build_model
+from mimia.pretrain import TrainConfig, train_mim
+
+ROOT = Path(__file__).resolve().parents[1]
+DP = {"max_grad_norm": 1.0, "delta": 1e-5, "accountant": "rdp"}
+
+
+def _spec(recipe: str) -> ModelSpec:
+    return ModelSpec(
+        recipe=recipe,
+        encoder="vit_tiny_patch16_224",
+        encoder_overrides={"embed_dim": 32, "depth": 2, "num_heads": 2},
+        img_size=16,
+        patch_size=4,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        mask_patch_size=8 if recipe == "simmim" else None,
+    )
+
+
+def _images(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("recipe", ["mae", "simmim"])
+def test_per_sample_gradients_equal_one_backward_pass_per_sample(recipe):
+    spec = _spec(recipe)
+    torch.manual_seed(0)
+    model = build_model(spec).double().train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 16, 16, generator=g, dtype=torch.float64)
+    mask = random_masks(6, spec.num_patches, 0.75, generator=g, block_size=spec.mask_block)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    naive = {n: [] for n in trainable}
+    for i in range(6):
+        model.zero_grad()
+        model(x[i : i + 1], mask[i : i + 1])[0].sum().backward()
+        for n, p in trainable.items():
+            naive[n].append(p.grad.clone())
+    model.zero_grad()
+    grads = PerSampleGradients(model)
+    try:
+        losses = grads.step(x, mask)
+        per_sample = {n: p.grad_sample.clone() for n, p in trainable.items()}
+    finally:
+        grads.close()
+    # The cls token (and the mask tokens) are outside Opacus' layers: the broadcast-token path.
+    assert "encoder.cls_token" in grads.tokens
+    assert ("decoder.mask_token" if recipe == "mae" else "mask_token") in grads.tokens
+    torch.testing.assert_close(losses, model(x, mask)[0].detach(), rtol=1e-12, atol=0)
+    for n in trainable:
+        torch.testing.assert_close(per_sample[n], torch.stack(naive[n]), rtol=1e-9, atol=1e-12)
+    # Hooks removed: the model trains normally afterwards.
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_an_empty_poisson_batch_is_a_noise_only_step():
+    from opacus.optimizers import DPOptimizer
+
+    model = build_model(_spec("mae"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = PerSampleGradients(model)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=8,
+        generator=torch.Generator().manual_seed(0),
+    )
+    try:
+        empty = torch.zeros(0, 3, 16, 16)
+        assert grads.step(empty, torch.zeros(0, 16, dtype=torch.bool)).shape == (0,)
+        optimizer.step()
+    finally:
+        grads.close()
+    steps = []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            steps.append((p.detach() - before[n]).flatten())
+        else:
+            torch.testing.assert_close(p.detach(), before[n])
+    # The noise alone: sigma * C / expected batch = 1.0 * 1.0 / 8 per coordinate, mean 0.
+    steps = torch.cat(steps)
+    assert steps.std().item() == pytest.approx(0.125, rel=0.02)
+    assert abs(steps.mean().item()) < 0.01
+
+
+def _cfg(**over):
+    section = {"epochs": 3, "batch_size": 8, "warmup_epochs": 1, "blr": 1e-2, "checkpoint_every": 1}
+    return TrainConfig.from_section(section | over, seed=3)
+
+
+def test_dp_training_spends_the_target_epsilon_at_the_accountants_noise():
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    torch.manual_seed(0)
+    model = build_model(_spec("mae"))
+    history, privacy = train_dp(model, _images(), _cfg(), DP | {"target_epsilon": 8.0})
+    # 40 images, batch 8: sample rate 0.2, 5 Poisson steps per epoch, 15 steps.
+    assert privacy["sample_rate"] == pytest.approx(0.2) and privacy["steps"] == 15
+    sigma = get_noise_multiplier(
+        target_epsilon=8.0, target_delta=1e-5, sample_rate=0.2, steps=15, accountant="rdp"
+    )
+    assert privacy["noise_multiplier"] == pytest.approx(sigma)
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, 0.2, 15)]
+    assert privacy["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5))
+    assert 7.9 < privacy["epsilon"] <= 8.0
+    epsilons = [h["epsilon"] for h in history]
+    assert epsilons == sorted(epsilons) and epsilons[-1] == pytest.approx(privacy["epsilon"])
+    assert all(math.isfinite(h["loss"]) for h in history)
+    # Less noise, more epsilon; no noise, no guarantee.
+    torch.manual_seed(0)
+    _, loud = train_dp(build_model(_spec("mae")), _images(), _cfg(), DP | {"noise_multiplier": 2.0})
+    torch.manual_seed(0)
+    _, quiet = train_dp(
+        build_model(_spec("mae")), _images(), _cfg(), DP | {"noise_multiplier": 0.5}
+    )
+    assert loud["epsilon"] < quiet["epsilon"]
+    torch.manual_seed(0)
+    _, none = train_dp(build_model(_spec("mae")), _images(), _cfg(), DP | {"noise_multiplier": 0.0})
+    assert none["epsilon"] is None
+
+
+def test_dp_training_is_seeded_and_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    dp = DP | {"noise_multiplier": 1.0}
+    cfg = _cfg(augment=True)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model(_spec("mae"))
+        history, _ = train_dp(model, _images(), cfg, dp)
+        runs.append((model.state_dict(), history))
+    for k, v in runs[0][0].items():
+        torch.testing.assert_close(v, runs[1][0][k], rtol=0, atol=0)
+    torch.manual_seed(0)
+    killed = build_model(_spec("mae"))
+    resume = tmp_path / "resume.pt"
+    train_dp(killed, _images(), cfg, dp, resume_path=resume, fingerprint="x", stop_after_epoch=1)
+    assert resume.exists()
+    torch.manual_seed(0)
+    resumed = build_model(_spec("mae"))
+    history, privacy = train_dp(resumed, _images(), cfg, dp, resume_path=resume, fingerprint="x")
+    for k, v in runs[0][0].items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
+    assert [h["loss"] for h in history] == [h["loss"] for h in runs[0][1]]
+    assert privacy["steps"] == 15  # the accountant resumed too
+
+
+def test_dp_with_a_parameter_opacus_cannot_sample_is_refused_by_name():
+    model = build_model(_spec("mae"))
+    model.encoder.blocks[0].ls1 = torch.nn.Module()
+    model.encoder.blocks[0].ls1.gamma = torch.nn.Parameter(torch.ones(32))
+    with pytest.raises(ValueError, match=r"encoder\.blocks\.0\.ls1\.gamma"):
+        PerSampleGradients(model)
+
+
+def test_early_stopping_trains_all_images_for_the_epoch_the_held_out_loss_chose():
+    images = _images(48)
+    ids = [f"s{i:03d}" for i in range(48)]
+    cfg = _cfg(epochs=8, checkpoint_every=25)
+    early = {"holdout": 0.25, "every": 2, "patience": 2, "min_delta": 0.0, "num_masks": 2}
+    torch.manual_seed(0)
+    model = build_model(_spec("mae"))
+    init = copy.deepcopy(model)
+    history, record = train_early_stopped(model, images, ids, cfg, early)
+    held = holdout_split(ids, 0.25, cfg.seed)
+    assert record["holdout_ids"] == held and len(held) == 12
+    assert record["num_selection_train"] == 36 and record["final_run_images"] == 48
+    curve = record["curve"]
+    assert [c["epoch"] for c in curve][:2] == [1, 3]
+    best = min(curve, key=lambda c: c["heldout_loss"])
+    assert record["best_epoch"] == best["epoch"] and len(history) == best["epoch"] + 1
+    # The selection run, redone by hand, gives the recorded held-out losses...
+    selection = copy.deepcopy(init)
+    keep = [i for i, s in enumerate(ids) if s not in set(held)]
+    pick = [i for i, s in enumerate(ids) if s in set(held)]
+    train_mim(selection, images[keep], cfg, stop_after_epoch=curve[0]["epoch"])
+    first = heldout_loss(selection, images[pick], held, cfg.seed, cfg, 2)
+    assert first == pytest.approx(curve[0]["heldout_loss"], rel=1e-6)
+    # ...and the final model is train_mim on every image, stopped after the best epoch.
+    final = copy.deepcopy(init)
+    train_mim(final, images, cfg, stop_after_epoch=record["best_epoch"])
+    for k, v in final.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+
+
+def _config(**experiment) -> dict:
+    return {"experiments": {"e": experiment}}
+
+
+def test_shadow_models_follow_the_adversarys_knowledge_of_the_defense():
+    dp = {"pretrain": {"dp": {"target_epsilon": 8}, "epochs": 50, "augment": True}}
+    knows = resolve_experiments(_config(**dp))["e"]
+    assert model_pretrain(knows, "shadow1") == model_pretrain(knows, "target")
+    assert model_pretrain(knows, "target")["dp"]["target_epsilon"] == 8
+    naive = resolve_experiments(
+        _config(**dp, shadow={"knows_defense": False, "pretrain": {"augment": False}})
+    )["e"]
+    shadow = model_pretrain(naive, "shadow0")
+    assert "dp" not in shadow and shadow["augment"] is False and shadow["epochs"] == 50
+    assert model_pretrain(naive, "target") == model_pretrain(knows, "target")
+    # The default experiment's params are what they were before defenses existed.
+    plain = resolve_experiments(_config())["e"]
+    assert model_pretrain(plain, "shadow2") == model_pretrain(plain, "target") == plain["pretrain"]
+    assert "dp" not in plain["pretrain"] and "early_stopping" not in plain["pretrain"]
+
+
+@pytest.mark.parametrize(
+    "experiment, message",
+    [
+        ({"pretrain": {"dp": {"max_grad_norm": 1.0}}}, "exactly one of noise_multiplier"),
+        (
+            {"pretrain": {"dp": {"noise_multiplier": 1.0, "target_epsilon": 3}}},
+            "exactly one of noise_multiplier",
+        ),
+        ({"pretrain": {"dp": {"noise_multiplier": 1.0}, "accum_iter": 2}}, "accum_iter must be 1"),
+        (
+            {"pretrain": {"dp": {"noise_multiplier": 1.0}, "early_stopping": {}}},
+            "dp and early_stopping together",
+        ),
+        ({"shadow": {"pretrain": {"epochs": 10}}}, "knows_defense true"),
+        (
+            {"shadow": {"knows_defense": False, "pretrain": {"epochs": 0}}},
+            "shadow.pretrain: epochs: 0 is less than the minimum",
+        ),
+        (
+            {"pretrain": {"early_stopping": {"holdout": 0.5}, "batch_size": 300}},
+            "leaves 200 training images, fewer than batch_size=300",
+        ),
+    ],
+)
+def test_bad_defense_settings_fail_naming_the_setting(experiment, message):
+    exp = resolve_experiments(_config(**experiment))["e"]
+    with pytest.raises(ValueError, match=message):
+        check_experiment("e", exp)
+
+
+def test_the_defenses_example_resolves_and_dry_runs(tmp_path):
+    config = yaml.safe_load((ROOT / "config/examples/defenses.yaml").read_text())
+    experiments = resolve_experiments(config)
+    for name, exp in experiments.items():
+        check_experiment(name, exp)
+    dp = {n: e["pretrain"].get("dp") for n, e in experiments.items()}
+    assert any(d and d.get("target_epsilon") == 8 for d in dp.values())
+    assert any(d and d.get("noise_multiplier") == 0 for d in dp.values())  # epsilon = inf
+    assert any(d is None for d in dp.values())
+    assert all(
+        e["audit"]["enabled"] and e["dataset"]["name"] == "digits" for e in experiments.values()
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory",
+         str(tmp_path), "--configfile", str(ROOT / "config/examples/defenses.yaml"),
+         "--cores", "2", "--dry-run", "--quiet", "rules"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = {
+        parts[0]: int(parts[1])
+        for parts in map(str.split, run.stdout.splitlines())
+        if len(parts) == 2 and parts[1].isdigit()
+    }
+    assert jobs["privacy_utility"] == 1
+    assert jobs["privacy_audit"] == jobs["utility"] == len(experiments)
+
+
+TINY_DP = {
+    "defaults": {
+        "seed": 1,
+        "dataset": {"name": "digits", "img_size": 16},
+        "split": {
+            "target_member": 40,
+            "target_nonmember": 40,
+            "shadow_member": 40,
+            "shadow_nonmember": 40,
+            "shard_size": 40,
+        },
+        "model": {
+            "encoder_overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2},
+            "decoder_embed_dim": 32,
+            "decoder_depth": 1,
+            "decoder_num_heads": 2,
+        },
+        "pretrain": {"epochs": 2, "batch_size": 20, "warmup_epochs": 1, "blr": 1e-2},
+        "shadow": {"count": 2, "knows_defense": False},
+        "decoder": ["released"],
+        "extract": {"mask_ratios": [0.75], "num_masks": 2, "grid_samples": 1},
+        "attacks": {"threshold": {}, "lira": {}},
+        "metrics": {"n_bootstrap": 20},
+        "runtime": {"batch_size": 40, "num_workers": 0},
+        "audit": {"enabled": True},
+    },
+    "experiments": {"tiny-dp": {"pretrain": {"dp": {"target_epsilon": 4.0}}}},
+}
+
+
+@pytest.mark.slow
+def test_dp_pretraining_runs_through_the_workflow_with_its_epsilon_recorded(tmp_path):
+    import json
+
+    import polars as pl
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY_DP))
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory",
+         str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "2"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1800,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-5000:]
+    results = tmp_path / "results"
+    target = json.loads((results / "tiny-dp/models/target/model.json").read_text())["info"]
+    assert 3.9 < target["dp"]["epsilon"] <= 4.0 and target["dp"]["sampling"] == "poisson"
+    shadow = json.loads((results / "tiny-dp/models/shadow1/model.json").read_text())["info"]
+    assert "dp" not in shadow and "dp" not in shadow["train_config"]  # the naive adversary
+    log = pl.read_parquet(results / "tiny-dp/models/target/model.train_log.parquet")
+    assert log["epsilon"][-1] == pytest.approx(target["dp"]["epsilon"])
+    privacy = json.loads((results / "tiny-dp/privacy.json").read_text())
+    assert privacy["accountant_epsilon"] == pytest.approx(target["dp"]["epsilon"])
+    assert {r["attack"] for r in privacy["results"]} == {"threshold", "lira"}
+    table = pl.read_parquet(results / "summary_privacy_utility.parquet")
+    assert table.height == 2 and set(table["accountant_epsilon"]) == {target["dp"]["epsilon"]}
+    assert 0.0 <= table["linear_probe_accuracy"][0] <= 1.0
+    assert (results / "privacy_utility.png").read_bytes()[:4] == b"\x89PNG"
+    assert "tiny-dp" in (results / "summary_privacy_utility.md").read_text()
