@@ -171,6 +171,11 @@ def test_params_are_canonical_whatever_the_form_of_the_config():
         ({"runtime": {"device": "tpu"}}, "runtime.device"),
         ({"attacks": {"nope": {}}}, "unknown attack 'nope'"),
         ({"typo": 1}, "typo"),
+        # default split: 400 images per role; 2 processes x 250 is one batch of 500
+        (
+            {"pretrain": {"batch_size": 250, "devices": 2}},
+            r"pretrain.batch_size=250 x devices=2 is larger than the smallest role \(400",
+        ),
     ],
 )
 def test_bad_values_fail_early_naming_the_value(override, message):

@@ -80,3 +80,35 @@ def test_snakemake_accepts_the_profile(name, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "extract" in run.stdout
+
+
+def test_multi_gpu_training_asks_for_a_gpu_per_process(tmp_path):
+    """`gpu` GPUs per process: a 2-process pre-training asks for 2 x gpu GPUs and 2 cores;
+    extraction, one process, for gpu."""
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "gpu": 2,
+                "experiments": {"e": {}},
+                "defaults": {"dataset": {"name": "digits"}, "pretrain": {"devices": 2}},
+            }
+        )
+    )
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--dry-run"]
+    cmd += ["--directory", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")]
+    # Locally a job's request is capped at what --resources offers: offer plenty.
+    run = subprocess.run(
+        [*cmd, "--resources", "gpu=64"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    requests = {}
+    for block in run.stdout.split("\nrule ")[1:]:
+        rule = block.split(":", 1)[0]
+        threads = re.search(r"threads: (\d+)", block)
+        gpu = re.search(r"\bgpu=(\d+)", block)
+        requests.setdefault(rule, set()).add(
+            (int(threads.group(1)) if threads else 1, int(gpu.group(1)) if gpu else 0)
+        )
+    assert requests["pretrain"] == {(2, 4)}
+    assert requests["extract"] == {(1, 2)}
+    assert requests["adapt_decoder"] == {(1, 2)}  # adapt.devices stays 1

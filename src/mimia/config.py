@@ -179,10 +179,13 @@ def _check(exp: dict) -> None:
                 f"{section}.epochs={cfg['epochs']}"
             )
         smallest = min(exp["split"][r] for r in ROLES)
-        if cfg["batch_size"] > smallest:
+        # Each of the `devices` processes takes batch_size images of every global batch.
+        batch = cfg["batch_size"] * cfg["devices"]
+        if batch > smallest:
+            per_device = f" x devices={cfg['devices']}" if cfg["devices"] > 1 else ""
             raise ValueError(
-                f"{section}.batch_size={cfg['batch_size']} is larger than the smallest role "
-                f"({smallest} images)"
+                f"{section}.batch_size={cfg['batch_size']}{per_device} is larger than the "
+                f"smallest role ({smallest} images)"
             )
 
 

@@ -170,6 +170,12 @@ def attack_rocs(experiment):
     return [lay.attack(d, a, "roc") for d in e["decoder"] for a in e["attacks"]]
 
 
+def pretrain_devices(wc):
+    """Processes (one per GPU) that train ``wc.model`` together; the job asks for as many
+    GPUs (``gpu`` per device) and cores."""
+    return model_pretrain(EXPERIMENTS[wc.experiment], wc.model)["devices"]
+
+
 # -- defenses and utility -----------------------------------------------------------------------
 def audited_experiments():
     """Experiments in the privacy audit and the privacy–utility figure."""

@@ -19,11 +19,11 @@ rule pretrain:
     priority: 20
     conda:
         ENV
-    threads: 1
+    threads: lambda wc: pretrain_devices(wc)
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=config["gpu"],
+        gpu=lambda wc: config["gpu"] * pretrain_devices(wc),
     params:
         model="{model}",
         spec=from_exp(lambda e, wc: model_spec(e).to_dict()),
@@ -76,11 +76,11 @@ rule adapt_decoder:
     priority: 10
     conda:
         ENV
-    threads: 1
+    threads: lambda wc: EXPERIMENTS[wc.experiment]["adapt"]["devices"]
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=config["gpu"],
+        gpu=lambda wc: config["gpu"] * EXPERIMENTS[wc.experiment]["adapt"]["devices"],
     params:
         train=from_exp(lambda e, wc: section(e, "adapt")),
         seed=from_exp(lambda e, wc: e["seed"]),
