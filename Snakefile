@@ -36,11 +36,13 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/defense.smk"
 
 
-# Quick bookkeeping jobs run where Snakemake runs, never as cluster submissions.
+# Quick bookkeeping and plotting jobs run where Snakemake runs, never as cluster submissions:
+# on a cluster each would wait for a node and a status check longer than it runs.
 localrules:
     all,
     membership,
     experiment_metrics,
+    figures,
     summary,
     ablation_plot,
 

@@ -226,8 +226,8 @@ def test_every_submission_completed_and_small_jobs_shared_them(runs):
     assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
     # One submission for manifest + 4 shards (4 fewer), two for the 6 extractions and the
     # reconstruction figure (4 to a job: 5 fewer), one for collect_errors + attack (1 fewer);
-    # the localrules membership, experiment_metrics and summary run here (3 fewer).
-    assert len(jobs) == n_jobs - 13, (len(jobs), n_jobs)
+    # the localrules membership, experiment_metrics, figures and summary run here (4 fewer).
+    assert len(jobs) == n_jobs - 14, (len(jobs), n_jobs)
     comments = [j["comment"] for j in jobs]
     assert sum(c.startswith("rule_data_tiny") for c in comments) == 1, comments
     assert sum(c.startswith("rule_score_tiny") for c in comments) == 2, comments

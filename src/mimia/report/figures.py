@@ -289,7 +289,9 @@ def target_errors(errors_path, manifest_path) -> pl.DataFrame:
     roles = pl.read_parquet(manifest_path).select(
         "sample_id", (pl.col("role") == "target_member").alias("is_member")
     )
-    rows = pl.read_parquet(errors_path).filter(pl.col("model") == "target")
+    # figures is a localrule: on a cluster it runs on the submit host, so read only the
+    # target's rows (predicate pushdown), never every reference model's.
+    rows = pl.scan_parquet(errors_path).filter(pl.col("model") == "target").collect()
     return rows.join(roles, on="sample_id", how="left", validate="m:1")
 
 
