@@ -3,6 +3,7 @@ accounting, determinism and resume, early stopping, the adversary's knowledge of
 and the defenses example config."""
 
 import copy
+import dataclasses
 import math
 import os
 import subprocess
@@ -24,25 +25,11 @@ from mimia.defenses import (
     train_early_stopped,
 )
 from mimia.masking import random_masks
-from mimia.models import ModelSpec, build_model
+from mimia.models import build_model
 from mimia.pretrain import TrainConfig, train_mim
 
 ROOT = Path(__file__).resolve().parents[1]
 DP = {"max_grad_norm": 1.0, "delta": 1e-5, "accountant": "rdp"}
-
-
-def _spec(recipe: str) -> ModelSpec:
-    return ModelSpec(
-        recipe=recipe,
-        encoder="vit_tiny_patch16_224",
-        encoder_overrides={"embed_dim": 32, "depth": 2, "num_heads": 2},
-        img_size=16,
-        patch_size=4,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        mask_patch_size=8 if recipe == "simmim" else None,
-    )
 
 
 def _images(n=40, seed=0):
@@ -51,8 +38,10 @@ def _images(n=40, seed=0):
 
 
 @pytest.mark.parametrize("recipe", ["mae", "simmim"])
-def test_per_sample_gradients_equal_one_backward_pass_per_sample(recipe):
-    spec = _spec(recipe)
+def test_per_sample_gradients_equal_one_backward_pass_per_sample(recipe, tiny_spec):
+    spec = tiny_spec
+    if recipe == "simmim":
+        spec = dataclasses.replace(tiny_spec, recipe="simmim", mask_patch_size=8)
     torch.manual_seed(0)
     model = build_model(spec).double().train()
     g = torch.Generator().manual_seed(1)
@@ -82,10 +71,10 @@ def test_per_sample_gradients_equal_one_backward_pass_per_sample(recipe):
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 
-def test_an_empty_poisson_batch_is_a_noise_only_step():
+def test_an_empty_poisson_batch_is_a_noise_only_step(tiny_spec):
     from opacus.optimizers import DPOptimizer
 
-    model = build_model(_spec("mae"))
+    model = build_model(tiny_spec)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = PerSampleGradients(model)
     optimizer = DPOptimizer(
@@ -118,12 +107,12 @@ def _cfg(**over):
     return TrainConfig.from_section(section | over, seed=3)
 
 
-def test_dp_training_spends_the_target_epsilon_at_the_accountants_noise():
+def test_dp_training_spends_the_target_epsilon_at_the_accountants_noise(tiny_spec):
     from opacus.accountants import RDPAccountant
     from opacus.accountants.utils import get_noise_multiplier
 
     torch.manual_seed(0)
-    model = build_model(_spec("mae"))
+    model = build_model(tiny_spec)
     history, privacy = train_dp(model, _images(), _cfg(), DP | {"target_epsilon": 8.0})
     # 40 images, batch 8: sample rate 0.2, 5 Poisson steps per epoch, 15 steps.
     assert privacy["sample_rate"] == pytest.approx(0.2) and privacy["steps"] == 15
@@ -140,35 +129,33 @@ def test_dp_training_spends_the_target_epsilon_at_the_accountants_noise():
     assert all(math.isfinite(h["loss"]) for h in history)
     # Less noise, more epsilon; no noise, no guarantee.
     torch.manual_seed(0)
-    _, loud = train_dp(build_model(_spec("mae")), _images(), _cfg(), DP | {"noise_multiplier": 2.0})
+    _, loud = train_dp(build_model(tiny_spec), _images(), _cfg(), DP | {"noise_multiplier": 2.0})
     torch.manual_seed(0)
-    _, quiet = train_dp(
-        build_model(_spec("mae")), _images(), _cfg(), DP | {"noise_multiplier": 0.5}
-    )
+    _, quiet = train_dp(build_model(tiny_spec), _images(), _cfg(), DP | {"noise_multiplier": 0.5})
     assert loud["epsilon"] < quiet["epsilon"]
     torch.manual_seed(0)
-    _, none = train_dp(build_model(_spec("mae")), _images(), _cfg(), DP | {"noise_multiplier": 0.0})
+    _, none = train_dp(build_model(tiny_spec), _images(), _cfg(), DP | {"noise_multiplier": 0.0})
     assert none["epsilon"] is None
 
 
-def test_dp_training_is_seeded_and_a_killed_run_resumes_to_the_same_weights(tmp_path):
+def test_dp_training_is_seeded_and_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_spec):
     dp = DP | {"noise_multiplier": 1.0}
     cfg = _cfg(augment=True)
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = build_model(_spec("mae"))
+        model = build_model(tiny_spec)
         history, _ = train_dp(model, _images(), cfg, dp)
         runs.append((model.state_dict(), history))
     for k, v in runs[0][0].items():
         torch.testing.assert_close(v, runs[1][0][k], rtol=0, atol=0)
     torch.manual_seed(0)
-    killed = build_model(_spec("mae"))
+    killed = build_model(tiny_spec)
     resume = tmp_path / "resume.pt"
     train_dp(killed, _images(), cfg, dp, resume_path=resume, fingerprint="x", stop_after_epoch=1)
     assert resume.exists()
     torch.manual_seed(0)
-    resumed = build_model(_spec("mae"))
+    resumed = build_model(tiny_spec)
     history, privacy = train_dp(resumed, _images(), cfg, dp, resume_path=resume, fingerprint="x")
     for k, v in runs[0][0].items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
@@ -176,21 +163,21 @@ def test_dp_training_is_seeded_and_a_killed_run_resumes_to_the_same_weights(tmp_
     assert privacy["steps"] == 15  # the accountant resumed too
 
 
-def test_dp_with_a_parameter_opacus_cannot_sample_is_refused_by_name():
-    model = build_model(_spec("mae"))
+def test_dp_with_a_parameter_opacus_cannot_sample_is_refused_by_name(tiny_spec):
+    model = build_model(tiny_spec)
     model.encoder.blocks[0].ls1 = torch.nn.Module()
     model.encoder.blocks[0].ls1.gamma = torch.nn.Parameter(torch.ones(32))
     with pytest.raises(ValueError, match=r"encoder\.blocks\.0\.ls1\.gamma"):
         PerSampleGradients(model)
 
 
-def test_early_stopping_trains_all_images_for_the_epoch_the_held_out_loss_chose():
+def test_early_stopping_trains_all_images_for_the_epoch_the_held_out_loss_chose(tiny_spec):
     images = _images(48)
     ids = [f"s{i:03d}" for i in range(48)]
     cfg = _cfg(epochs=8, checkpoint_every=25)
     early = {"holdout": 0.25, "every": 2, "patience": 2, "min_delta": 0.0, "num_masks": 2}
     torch.manual_seed(0)
-    model = build_model(_spec("mae"))
+    model = build_model(tiny_spec)
     init = copy.deepcopy(model)
     history, record = train_early_stopped(model, images, ids, cfg, early)
     held = holdout_split(ids, 0.25, cfg.seed)

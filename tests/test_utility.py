@@ -11,7 +11,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from mimia.data.prepare import write_manifest
 from mimia.data.sources import load_source
-from mimia.models import ModelSpec, build_model
+from mimia.models import build_model
 from mimia.models.checkpoint import save_model
 from mimia.pretrain import TrainConfig, train_mim
 from mimia.utility import (
@@ -92,20 +92,7 @@ def test_the_split_is_seeded_and_stratified():
     assert not stratified  # class 0 has one image
 
 
-def _spec():
-    return ModelSpec(
-        recipe="mae",
-        encoder="vit_tiny_patch16_224",
-        encoder_overrides={"embed_dim": 32, "depth": 2, "num_heads": 2},
-        img_size=16,
-        patch_size=4,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-    )
-
-
-def test_trained_and_random_encoders_on_real_digits(digits_manifest, tmp_path):
+def test_trained_and_random_encoders_on_real_digits(digits_manifest, tmp_path, tiny_spec):
     from mimia.data.shards import write_tar_shard
 
     rows = pl.read_parquet(digits_manifest)
@@ -116,7 +103,7 @@ def test_trained_and_random_encoders_on_real_digits(digits_manifest, tmp_path):
 
     _, images = load_images([tmp_path / "members.tar"])
     torch.manual_seed(0)
-    model = build_model(_spec())
+    model = build_model(tiny_spec)
     cfg = {"epochs": 30, "batch_size": 25, "warmup_epochs": 3, "blr": 1e-2}
     train_mim(model, images, TrainConfig.from_section(cfg, seed=0))
     weights = tmp_path / "model.safetensors"

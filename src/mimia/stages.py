@@ -37,6 +37,13 @@ def manifest(
     """The role split of the dataset (``source_fingerprint``: the source listing the DAG saw;
     a source that changed since then is refused rather than split)."""
     from mimia.data.prepare import write_manifest
+
+    _check_source_unchanged(dataset, source_fingerprint)
+    write_manifest(dataset=dataset, split=split, seed=seed, manifest=manifest)
+
+
+def _check_source_unchanged(dataset: dict, source_fingerprint: str) -> None:
+    """Refuse a source whose listing differs from the one the DAG was built on."""
     from mimia.data.sources import source_fingerprint as fingerprint
 
     now = fingerprint(dataset)
@@ -46,7 +53,6 @@ def manifest(
             f"(listing {source_fingerprint[:12]} when the DAG was built, {now[:12]} now); "
             f"run snakemake again"
         )
-    write_manifest(dataset=dataset, split=split, seed=seed, manifest=manifest)
 
 
 def membership(**kwargs) -> None:
@@ -429,14 +435,9 @@ def utility(
 ) -> None:
     """Linear-probe and k-NN accuracy of the target's frozen encoder on labelled images
     outside every role (``source_fingerprint`` as in :func:`manifest`)."""
-    from mimia.data.sources import source_fingerprint as fingerprint
     from mimia.utility import utility_stage
 
-    if fingerprint(dataset) != source_fingerprint:
-        raise RuntimeError(
-            f"dataset {dataset.get('path') or dataset['name']} changed while the workflow ran; "
-            f"run snakemake again"
-        )
+    _check_source_unchanged(dataset, source_fingerprint)
     utility_stage(
         checkpoint=checkpoint,
         manifest=manifest,
