@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +87,11 @@ def atomic_path(final_path: str | Path) -> Iterator[Path]:
         if full:
             raise NoSpaceError(final_path, full) from err
         raise
+
+
+def write_json(path: str | Path, value) -> None:
+    """``value`` as indented JSON at ``path``, atomically; NaN and infinity are refused (they
+    are not JSON)."""
+    text = json.dumps(value, indent=2, allow_nan=False)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

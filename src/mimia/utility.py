@@ -11,9 +11,7 @@ the reference a pre-trained encoder should beat.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -187,6 +185,7 @@ def utility_stage(
     from mimia.models import build_model
     from mimia.models.checkpoint import file_sha256, load_model
     from mimia.provenance import provenance, read_metadata, write_parquet
+    from mimia.storage import write_json
 
     rows = pl.read_parquet(manifest)
     model = load_model(checkpoint)
@@ -245,18 +244,10 @@ def utility_stage(
         schema_overrides={"linear_probe_prediction": pl.Int64, "knn_prediction": pl.Int64},
     )
     write_parquet(table, split, meta)
-    _write_json(record, out)
+    write_json(record, out)
     return out
 
 
 def _on_test(predicted: np.ndarray, is_test: np.ndarray) -> list[int | None]:
     values = iter(predicted.tolist())
     return [next(values) if t else None for t in is_test]
-
-
-def _write_json(path: str | os.PathLike, value: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, allow_nan=False))
-    os.replace(tmp, path)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import polars as pl
 
@@ -14,6 +12,7 @@ from mimia.attacks.base import attack_class, build_attack, validate_entry
 from mimia.attacks.inputs import build_inputs
 from mimia.metrics import evaluate, roc_frame
 from mimia.provenance import provenance, read_metadata, write_parquet
+from mimia.storage import write_json
 
 PathLike = str | os.PathLike
 
@@ -100,10 +99,7 @@ def attack_stage(
         meta,
     )
     write_parquet(roc_frame(data.y_audit, values), roc, meta)
-    metrics = Path(metrics)
-    tmp = metrics.with_name(metrics.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, allow_nan=False))
-    os.replace(tmp, metrics)
+    write_json(metrics, record)
     return record
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
 
 from mimia.provenance import provenance, read_metadata, write_parquet
+from mimia.storage import write_json
 
 HEADLINE = ["auc", "tpr_at_fpr_0.001", "tpr_at_fpr_0.01", "tpr_at_fpr_0.1", "balanced_accuracy"]
 
@@ -150,20 +150,13 @@ def privacy_audit(
         "results": [{k: _json_number(v) for k, v in r.items()} for r in df.iter_rows(named=True)],
     }
     write_parquet(df, out_parquet, provenance(experiment=experiment, audit=audit))
-    _write_json(out_json, record)
+    write_json(out_json, record)
     return df
 
 
 def _json_number(value):
     """inf as the string "inf" (JSON has no infinity)."""
     return "inf" if isinstance(value, float) and math.isinf(value) else value
-
-
-def _write_json(path, value) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, allow_nan=False))
-    os.replace(tmp, path)
 
 
 def privacy_utility_table(
