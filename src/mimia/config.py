@@ -77,6 +77,17 @@ def schema_defaults(section: str) -> dict:
     return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
 
 
+def check_section(section: str, value: dict) -> None:
+    """Validate ``value`` against experiment section ``section``'s schema as it is (no
+    defaults filled in); ValueError naming the first key it refuses."""
+    full = _load_schema()
+    schema = {"$defs": full["$defs"], **full["properties"][section]}
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=str)
+    if errors:
+        where = ".".join(str(p) for p in errors[0].path)
+        raise ValueError(f"{where}: {errors[0].message}")
+
+
 def _validator(schema: dict):
     base = jsonschema.Draft202012Validator
 
@@ -162,6 +173,8 @@ def _slug(value: Any) -> str:
 
 def _check(exp: dict) -> None:
     """Cross-field checks the schema cannot express, so bad input fails before any job."""
+    from mimia.defenses import check_defenses
+
     if exp["split"].get("assignment"):
         # Role sizes come from the assignment: shard counts are needed to build the DAG.
         exp["split"].update(_assignment_sizes(exp["split"]["assignment"]))
@@ -171,6 +184,7 @@ def _check(exp: dict) -> None:
         raise ValueError(f"model: {err}") from None
     _check_target(exp, spec)
     _check_attacks(exp)
+    check_defenses(exp)
     for section in ("pretrain", "adapt"):
         cfg = exp[section]
         if cfg["warmup_epochs"] > cfg["epochs"]:

@@ -68,15 +68,9 @@ def model_pretrain(exp: dict, model: str) -> dict:
     return canonical(deep_merge(recipe, exp["shadow"]["pretrain"]))
 
 
-def check_experiment(name: str, exp: dict) -> None:
-    """Cross-field checks of the defense settings; ValueError naming the experiment and key."""
-    try:
-        _check(exp)
-    except ValueError as err:
-        raise ValueError(f"experiment {name!r}: {err}") from None
-
-
-def _check(exp: dict) -> None:
+def check_defenses(exp: dict) -> None:
+    """Cross-field checks of the defense settings (part of config resolution); ValueError
+    naming the key."""
     shadow = exp["shadow"]
     if shadow["knows_defense"] and shadow["pretrain"]:
         raise ValueError(
@@ -117,17 +111,12 @@ def _check(exp: dict) -> None:
 
 
 def _check_train_section(section: dict) -> None:
-    import jsonschema
-    import yaml
+    from mimia.config import check_section
 
-    from mimia.config import SCHEMA_DIR
-
-    full = yaml.safe_load((SCHEMA_DIR / "experiment.schema.yaml").read_text())
-    schema = {"$defs": full["$defs"], **full["properties"]["pretrain"]}
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(section), key=str)
-    if errors:
-        where = ".".join(str(p) for p in errors[0].path)
-        raise ValueError(f"shadow.pretrain: {where}: {errors[0].message}")
+    try:
+        check_section("pretrain", section)
+    except ValueError as err:
+        raise ValueError(f"shadow.pretrain: {err}") from None
 
 
 def describe(exp: dict) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from pathlib import Path
 from mimia.attacks import requires_embeddings
 from mimia.config import attack_kind, model_spec, resolve_experiments, section
 from mimia.data.sources import source_fingerprint
-from mimia.defenses import check_experiment, describe, model_pretrain
+from mimia.defenses import describe, model_pretrain
 from mimia.layout import (
     REFERENCE_DECODER,
     ROLES,
@@ -20,8 +20,6 @@ from mimia.layout import (
 EXPERIMENTS = resolve_experiments(
     config, Path(workflow.basedir) / "workflow" / "schemas"
 )
-for _name, _exp in EXPERIMENTS.items():
-    check_experiment(_name, _exp)
 RESULTS = config["results"]
 EXP = f"{RESULTS}/{{experiment}}"
 LOGS = f"{RESULTS}/logs/{{experiment}}"
