@@ -156,16 +156,11 @@ def attack_inputs(wildcards):
     return inputs
 
 
-def attack_metrics(experiment):
+def attack_outputs(experiment, kind):
+    """Output ``kind`` (scores, roc, metrics) of every (decoder, attack) of an experiment."""
     e = EXPERIMENTS[experiment]
     lay = Layout(RESULTS, experiment)
-    return [lay.attack(d, a, "metrics") for d in e["decoder"] for a in e["attacks"]]
-
-
-def attack_rocs(experiment):
-    e = EXPERIMENTS[experiment]
-    lay = Layout(RESULTS, experiment)
-    return [lay.attack(d, a, "roc") for d in e["decoder"] for a in e["attacks"]]
+    return [lay.attack(d, a, kind) for d in e["decoder"] for a in e["attacks"]]
 
 
 def pretrain_devices(wc):
@@ -174,16 +169,15 @@ def pretrain_devices(wc):
     return model_pretrain(EXPERIMENTS[wc.experiment], wc.model)["devices"]
 
 
+def adapt_devices(wc):
+    """As :func:`pretrain_devices`, for the decoder adaptation."""
+    return EXPERIMENTS[wc.experiment]["adapt"]["devices"]
+
+
 # -- defenses and utility -----------------------------------------------------------------------
 def audited_experiments():
     """Experiments in the privacy audit and the privacy–utility figure."""
     return [name for name, e in EXPERIMENTS.items() if e["audit"]["enabled"]]
-
-
-def attack_scores(experiment):
-    e = EXPERIMENTS[experiment]
-    lay = Layout(RESULTS, experiment)
-    return [lay.attack(d, a, "scores") for d in e["decoder"] for a in e["attacks"]]
 
 
 def defense_outputs():

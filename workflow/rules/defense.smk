@@ -33,7 +33,7 @@ rule utility:
 
 rule privacy_audit:
     input:
-        scores=lambda wc: attack_scores(wc.experiment),
+        scores=lambda wc: attack_outputs(wc.experiment, "scores"),
         sidecar=lambda wc: str(Path(target_weights(wc.experiment)).with_suffix(".json")),
     output:
         table=f"{EXP}/privacy.parquet",

@@ -19,7 +19,7 @@ rule pretrain:
     priority: 20
     conda:
         ENV
-    threads: lambda wc: pretrain_devices(wc)
+    threads: pretrain_devices
     resources:
         mem_mb=8000,
         runtime=240,
@@ -76,11 +76,11 @@ rule adapt_decoder:
     priority: 10
     conda:
         ENV
-    threads: lambda wc: EXPERIMENTS[wc.experiment]["adapt"]["devices"]
+    threads: adapt_devices
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=lambda wc: config["gpu"] * EXPERIMENTS[wc.experiment]["adapt"]["devices"],
+        gpu=lambda wc: config["gpu"] * adapt_devices(wc),
     params:
         train=from_exp(lambda e, wc: section(e, "adapt")),
         seed=from_exp(lambda e, wc: e["seed"]),

@@ -37,7 +37,7 @@ rule reconstructions:
 
 rule experiment_metrics:
     input:
-        metrics=lambda wc: attack_metrics(wc.experiment),
+        metrics=lambda wc: attack_outputs(wc.experiment, "metrics"),
     output:
         record=f"{EXP}/metrics.json",
         table=f"{EXP}/metrics.parquet",
@@ -64,7 +64,7 @@ rule figures:
         errors=PATTERN.all_errors,
         manifest=PATTERN.manifest,
         metrics=rules.experiment_metrics.output.table,
-        rocs=lambda wc: attack_rocs(wc.experiment),
+        rocs=lambda wc: attack_outputs(wc.experiment, "roc"),
     output:
         roc=report(
             f"{EXP}/roc.png",
