@@ -162,6 +162,30 @@ def test_dp_training_is_seeded_and_a_killed_run_resumes_to_the_same_weights(tmp_
     assert privacy["steps"] == 15  # the accountant resumed too
 
 
+def test_a_truncated_dp_resume_file_is_set_aside_and_dp_training_starts_over(
+    tmp_path, tiny_spec, capsys
+):
+    dp = DP | {"noise_multiplier": 1.0}
+    torch.manual_seed(0)
+    reference = build_model(tiny_spec)
+    ref_history, _ = train_dp(reference, _images(), _cfg(), dp)
+    resume = tmp_path / "resume.pt"
+    torch.manual_seed(0)
+    train_dp(build_model(tiny_spec), _images(), _cfg(), dp, resume, "x", stop_after_epoch=0)
+    resume.write_bytes(resume.read_bytes()[:1000])  # a run killed while writing it
+    capsys.readouterr()
+    torch.manual_seed(0)
+    model = build_model(tiny_spec)
+    history, privacy = train_dp(model, _images(), _cfg(), dp, resume, "x")
+    log = capsys.readouterr().err
+    assert f"resume file {resume} is unusable (1000 bytes;" in log
+    assert resume.with_name("resume.pt.corrupt-1").stat().st_size == 1000
+    assert [h["loss"] for h in history] == [h["loss"] for h in ref_history]
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+    assert privacy["steps"] == 15
+
+
 def test_dp_with_a_parameter_opacus_cannot_sample_is_refused_by_name(tiny_spec):
     model = build_model(tiny_spec)
     model.encoder.blocks[0].ls1 = torch.nn.Module()

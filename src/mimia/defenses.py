@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import tempfile
 import time
@@ -259,6 +258,19 @@ def noise_multiplier_for(dp: dict, sample_rate: float, steps: int) -> float:
     )
 
 
+# The random streams a DP run resumes: Poisson sampling, masks, noise, torch's global one.
+_DP_RESUME_GENERATORS = ("sampling", "masking", "noising", "torch_rng")
+_DP_RESUME_KEYS = (
+    "model",
+    "optimizer",
+    *_DP_RESUME_GENERATORS,
+    "accountant",
+    "epoch",
+    "history",
+    "fingerprint",
+)
+
+
 def train_dp(
     model: MIMModel,
     images: torch.Tensor,
@@ -289,7 +301,14 @@ def train_dp(
     from tqdm import tqdm
 
     from mimia.masking import random_masks
-    from mimia.pretrain import _augment, lr_at, param_groups, resolve_device
+    from mimia.pretrain import (
+        _augment,
+        lr_at,
+        param_groups,
+        read_resume,
+        resolve_device,
+        save_resume,
+    )
 
     if cfg.accum_iter != 1:
         raise ValueError(f"DP training needs accum_iter 1, got {cfg.accum_iter}")
@@ -322,7 +341,16 @@ def train_dp(
     start_epoch = 0
     resume_path = Path(resume_path) if resume_path else None
     generators = {"sampling": sampling, "masking": masking, "noising": noising}
-    state = _load_resume(resume_path, fingerprint)
+    state = None
+    if resume_path:
+        state = read_resume(
+            resume_path,
+            fingerprint,
+            model,
+            optimizer,
+            keys=_DP_RESUME_KEYS,
+            generators=_DP_RESUME_GENERATORS,
+        )
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -375,7 +403,7 @@ def train_dp(
             )
             last = epoch + 1 == cfg.epochs
             if resume_path and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
-                _save_resume(
+                save_resume(
                     resume_path,
                     {
                         "model": model.state_dict(),
@@ -416,27 +444,6 @@ def _epsilon(accountant, sigma: float, delta: float) -> float | None:
     if not accountant.history:
         return 0.0
     return float(accountant.get_epsilon(delta=delta))
-
-
-def _load_resume(path: Path | None, fingerprint: str) -> dict | None:
-    import torch
-
-    if not path or not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("fingerprint") != fingerprint:
-        print(f"ignoring {path}: made for other data or config", file=sys.stderr)
-        return None
-    return state
-
-
-def _save_resume(path: Path, state: dict) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 # -- early stopping -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +162,7 @@ def train_mim(
     history: list[dict] = []
     start_epoch = 0
     resume_path = Path(resume_path) if resume_path else None
-    state = _read_resume(resume_path, fingerprint, model, optimizer) if resume_path else None
+    state = read_resume(resume_path, fingerprint, model, optimizer) if resume_path else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -246,39 +246,52 @@ def train_mim(
             print(f"epoch {epoch} loss {total / steps:.5f}", file=sys.stderr)
         last = epoch + 1 == cfg.epochs
         if rank == 0 and resume_path and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
-            _save_resume(resume_path, model, optimizer, gen, epoch, history, fingerprint)
+            save_resume(
+                resume_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "epoch": epoch,
+                    "history": history,
+                    "fingerprint": fingerprint,
+                },
+            )
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
     model.eval()
     return history
 
 
-def _save_resume(path: Path, model, optimizer, gen, epoch, history, fingerprint) -> None:
+def save_resume(path: Path, state: dict) -> None:
+    """Write a resume checkpoint (tensors and plain values only) atomically."""
     from mimia.storage import atomic_path
 
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "generator": gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "epoch": epoch,
-        "history": history,
-        "fingerprint": fingerprint,
-    }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-_RESUME_KEYS = ("model", "optimizer", "generator", "torch_rng", "epoch", "history", "fingerprint")
+_GENERATORS = ("generator", "torch_rng")
+_RESUME_KEYS = ("model", "optimizer", *_GENERATORS, "epoch", "history", "fingerprint")
 
 
-def _read_resume(path: Path, fingerprint: str, model, optimizer) -> dict | None:
+def read_resume(
+    path: Path,
+    fingerprint: str,
+    model,
+    optimizer,
+    keys: Sequence[str] = _RESUME_KEYS,
+    generators: Sequence[str] = _GENERATORS,
+) -> dict | None:
     """The resume state to continue from, or None to start at epoch 0.
 
-    A file that cannot be read or is not a resume file of this model (corrupt, truncated,
-    foreign, a code-executing pickle) would block the run forever: it is moved aside to
-    ``resume.pt.corrupt-N``, with a line in the log saying why. A resume file of other data or
-    config is left alone (the next checkpoint replaces it).
+    ``keys``: what the trainer's resume file holds; ``generators``: which of them are random
+    generator states (DP training keeps more of both). A file that cannot be read or is not a
+    resume file of this model (corrupt, truncated, foreign, a code-executing pickle) would
+    block the run forever: it is moved aside to ``resume.pt.corrupt-N``, with a line in the log
+    saying why. A resume file of other data or config is left alone (the next checkpoint
+    replaces it).
     """
     if not path.exists():
         return None
@@ -286,14 +299,14 @@ def _read_resume(path: Path, fingerprint: str, model, optimizer) -> dict | None:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        why = _not_resume_file(state)
+        why = _not_resume_file(state, keys)
     except Exception as e:  # whatever torch makes of a damaged file, training must go on
         reason = torch_load_reason(e) or "the data ends early"
         why = f"{path.stat().st_size} bytes; {type(e).__name__}: {reason}"
     if why is None and state["fingerprint"] != fingerprint:
         print(f"ignoring {path}: made for other data or config", file=sys.stderr)
         return None
-    why = why or _does_not_fit(state, model, optimizer)
+    why = why or _does_not_fit(state, model, optimizer, generators)
     if why is None:
         return state
     n = 1
@@ -307,14 +320,14 @@ def _read_resume(path: Path, fingerprint: str, model, optimizer) -> dict | None:
     return None
 
 
-def _not_resume_file(state) -> str | None:
-    if isinstance(state, dict) and set(_RESUME_KEYS) <= set(state):
+def _not_resume_file(state, keys: Sequence[str]) -> str | None:
+    if isinstance(state, dict) and set(keys) <= set(state):
         return None
     found = sorted(map(str, state))[:10] if isinstance(state, dict) else type(state).__name__
-    return f"not a mimia resume file: expected keys {list(_RESUME_KEYS)}, found {found}"
+    return f"not a mimia resume file: expected keys {list(keys)}, found {found}"
 
 
-def _does_not_fit(state: dict, model, optimizer) -> str | None:
+def _does_not_fit(state: dict, model, optimizer, generators: Sequence[str]) -> str | None:
     """Why a resume file of this run's fingerprint cannot be loaded, or None."""
     mine, theirs = model.state_dict(), state["model"]
     if not isinstance(theirs, dict) or set(theirs) != set(mine):
@@ -322,7 +335,7 @@ def _does_not_fit(state: dict, model, optimizer) -> str | None:
     bad = [k for k, v in mine.items() if getattr(theirs[k], "shape", None) != v.shape]
     if bad:
         return f"its model weights have other shapes than this model ({', '.join(bad[:5])})"
-    rng = [state[k] for k in ("generator", "torch_rng")]
+    rng = [state[k] for k in generators]
     if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rng):
         return "its random generator states are not byte tensors"
     if not isinstance(state["epoch"], int) or not isinstance(state["history"], list):
