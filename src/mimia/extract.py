@@ -206,13 +206,21 @@ def augmented_views(
 
 
 @torch.inference_mode()
+def encoder_tokens(model: MIMModel, images: torch.Tensor) -> torch.Tensor:
+    """The encoder's output tokens ``[B, 1 + L, D]`` (cls first) of uint8 ``images [B, C, H,
+    W]`` with every patch visible, as float32."""
+    device = next(model.parameters()).device
+    x = model.normalize(images.to(device).float() / 255)
+    visible = torch.zeros(len(x), model.spec.num_patches, dtype=torch.bool, device=device)
+    return model.encode(x, visible).float()
+
+
+@torch.inference_mode()
 def view_similarities(model: MIMModel, views: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine similarities ``[B, V(V-1)/2]`` of the encoder's cls embeddings."""
     b, v = views.shape[:2]
-    device = next(model.parameters()).device
-    x = model.normalize(views.reshape(b * v, *views.shape[2:]).to(device).float() / 255)
-    visible = torch.zeros(b * v, model.spec.num_patches, dtype=torch.bool, device=device)
-    emb = torch.nn.functional.normalize(model.encode(x, visible)[:, 0].float(), dim=-1)
+    tokens = encoder_tokens(model, views.reshape(b * v, *views.shape[2:]))
+    emb = torch.nn.functional.normalize(tokens[:, 0], dim=-1)
     emb = emb.reshape(b, v, -1)
     sims = emb @ emb.transpose(1, 2)
     iu = torch.triu_indices(v, v, offset=1)

@@ -98,18 +98,14 @@ def encoder_features(
 ) -> dict[str, np.ndarray]:
     """Frozen-encoder features of uint8 ``images [N, C, H, W]``, every patch visible:
     ``{"cls": [N, D], "mean": [N, D]}`` (cls token; mean of the patch tokens)."""
-    import torch
+    from mimia.extract import encoder_tokens
 
-    device = next(model.parameters()).device
     model.eval()
     out = {p: [] for p in POOLINGS}
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            x = model.normalize(images[start : start + batch_size].to(device).float() / 255)
-            visible = torch.zeros(len(x), model.spec.num_patches, dtype=torch.bool, device=device)
-            tokens = model.encode(x, visible).float()
-            out["cls"].append(tokens[:, 0].cpu().numpy())
-            out["mean"].append(tokens[:, 1:].mean(dim=1).cpu().numpy())
+    for start in range(0, len(images), batch_size):
+        tokens = encoder_tokens(model, images[start : start + batch_size])
+        out["cls"].append(tokens[:, 0].cpu().numpy())
+        out["mean"].append(tokens[:, 1:].mean(dim=1).cpu().numpy())
     return {p: np.concatenate(v).astype(np.float64) for p, v in out.items()}
 
 
