@@ -4,11 +4,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mimia.metrics import evaluate, roc_frame
+from mimia.metrics import bootstrap_mean, evaluate, roc_frame
 from mimia.provenance import write_parquet
 from mimia.report.figures import (
     ablation_figure,
-    bootstrap_mean,
     error_vs_mask_ratio,
     mask_ratio_stats,
     pick_across_classes,

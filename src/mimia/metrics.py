@@ -196,6 +196,16 @@ def _ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def bootstrap_mean(values, n_bootstrap: int, seed: int, level: float = 0.95):
+    """Mean of ``values`` and its seeded percentile-bootstrap CI (``(mean, low, high)``)."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        raise ValueError("bootstrap of an empty sample")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (n_bootstrap, values.size))].mean(axis=1)
+    return (float(values.mean()), *_ci(means, level))
+
+
 def bootstrap_metrics(
     labels,
     scores,

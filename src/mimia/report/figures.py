@@ -12,6 +12,8 @@ import numpy as np
 import polars as pl
 import torch
 
+from mimia.metrics import bootstrap_mean
+
 
 def reconstruction_grid(model, images: torch.Tensor, sample_ids, titles, seed, mask_ratio, out):
     """Rows: samples; columns: original, masked input, reconstruction of the masked patches
@@ -152,17 +154,6 @@ def error_histograms(errors: pl.DataFrame, out, title: str = ""):
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     _save(fig, out)
-
-
-def bootstrap_mean(values, n_bootstrap: int, seed: int, level: float = 0.95):
-    """Mean of ``values`` and its seeded percentile-bootstrap CI (``(mean, low, high)``)."""
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        raise ValueError("bootstrap of an empty sample")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, (n_bootstrap, values.size))].mean(axis=1)
-    low, high = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return float(values.mean()), float(low), float(high)
 
 
 def mask_ratio_stats(errors: pl.DataFrame, n_bootstrap: int = 1000, seed: int = 0) -> pl.DataFrame:
