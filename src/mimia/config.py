@@ -119,7 +119,8 @@ def resolve_experiments(config: dict, schema_dir: Path = SCHEMA_DIR) -> dict[str
         if base not in config["experiments"]:
             raise ValueError(f"ablation {ablation!r}: base experiment {base!r} is not defined")
         for order, value in enumerate(spec["values"]):
-            name = f"{base}{ABLATION_SEPARATOR}{ablation}-{_slug(value)}"
+            settings, slug = _ablation_settings(ablation, spec["parameter"], value)
+            name = f"{base}{ABLATION_SEPARATOR}{ablation}-{slug}"
             if name in raw:
                 what = "an experiment" if name in config["experiments"] else "another ablation"
                 raise ValueError(
@@ -127,8 +128,8 @@ def resolve_experiments(config: dict, schema_dir: Path = SCHEMA_DIR) -> dict[str
                     f"which {what} already defines: rename one of them"
                 )
             exp = raw[base]
-            for dotted in _as_list(spec["parameter"]):
-                exp = set_path(exp, dotted, value)
+            for dotted, setting in settings:
+                exp = set_path(exp, dotted, setting)
             exp["ablation"] = {
                 "name": ablation,
                 "parameter": spec["parameter"],
@@ -164,6 +165,26 @@ def resolve_experiments(config: dict, schema_dir: Path = SCHEMA_DIR) -> dict[str
 
 def _as_list(x) -> list:
     return x if isinstance(x, list) else [x]
+
+
+def _ablation_settings(ablation: str, parameter, value) -> tuple[list[tuple[str, Any]], str]:
+    """The ``(dotted key, value)`` pairs one ablation value sets, and its name's slug.
+
+    Several parameters take the same value, unless the value is a mapping whose keys are
+    exactly the parameters: then each takes its own (a sweep along a line, such as images per
+    role x epochs at a fixed number of optimiser steps), and the slug lists the distinct
+    values in parameter order.
+    """
+    params = _as_list(parameter)
+    if len(params) > 1 and isinstance(value, dict) and set(value) & set(params):
+        if set(value) != set(params):
+            raise ValueError(
+                f"ablation {ablation!r} value {value!r}: a value given per parameter must "
+                f"name exactly the parameters {params}"
+            )
+        slugs = dict.fromkeys(_slug(value[dotted]) for dotted in params)
+        return [(d, value[d]) for d in params], "_".join(slugs)
+    return [(dotted, value) for dotted in params], _slug(value)
 
 
 def _slug(value: Any) -> str:
