@@ -224,3 +224,23 @@ def test_config_resolution_imports_no_torch():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_an_ablation_value_may_set_each_of_several_parameters():
+    cfg = default_config()
+    params = ["split.target_member", "pretrain.epochs"]
+    cfg["ablations"] = {
+        "steps": {
+            "base": "digits-mae",
+            "parameter": params,
+            "values": [{"split.target_member": 100, "pretrain.epochs": 40}, 50],
+        }
+    }
+    exps = resolve_experiments(cfg)
+    line = exps["digits-mae__steps-100_40"]
+    assert (line["split"]["target_member"], line["pretrain"]["epochs"]) == (100, 40)
+    same = exps["digits-mae__steps-50"]
+    assert (same["split"]["target_member"], same["pretrain"]["epochs"]) == (50, 50)
+    cfg["ablations"]["steps"]["values"] = [{"split.target_member": 100, "pretrain.epoch": 40}]
+    with pytest.raises(ValueError, match="must name exactly the parameters"):
+        resolve_experiments(cfg)

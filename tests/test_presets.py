@@ -186,3 +186,87 @@ def test_cifar10_cpu_study_dry_runs_its_sweeps(tmp_path, folder):
             )
     assert _count(jobs, "adapt_decoder") == 1  # only cifar10-study-decoders adapts
     assert experiments["cifar10-study-decoders"]["decoder"] == ["released", "shadow", "adapted"]
+
+
+def test_cifar10_paper_regime_dry_runs_its_sweeps(tmp_path, folder):
+    """Long pre-training, the reference-model count and the fixed-step members sweep."""
+    preset = PRESETS / "cifar10-paper-regime.yaml"
+    steps = [
+        {**{f"split.{r}": n for r in ROLES}, "pretrain.epochs": e} for n, e in ((2, 12), (4, 6))
+    ]
+    extra = _override(folder, {}) | {"ablations": {"steps": {"values": steps}}}
+    config, jobs = _dry_run(tmp_path, preset, extra)
+    experiments = resolve_experiments(config)
+    # The base is the CIFAR-10 CPU study's, so one cache shares their models.
+    study = resolve_experiments(yaml.safe_load((PRESETS / "cifar10-cpu-study.yaml").read_text()))
+    regime = resolve_experiments(yaml.safe_load(preset.read_text()))["cifar10-regime"]
+    for key in ("seed", "dataset", "split", "model", "pretrain", "shadow", "extract"):
+        assert regime[key] == study["cifar10-study"][key], key
+    base = experiments["cifar10-regime"]
+    assert base["decoder"] == ["released", "adapted"]
+    epochs = {e["ablation"]["value"]: n for n, e in experiments.items() if n.startswith(
+        "cifar10-regime__epochs-")}  # fmt: skip
+    assert sorted(epochs) == [15, 30, 60, 200, 800]
+    assert experiments[epochs[800]]["pretrain"]["epochs"] == 800
+    counts = {n: e["shadow"]["count"] for n, e in experiments.items() if "references" in n}
+    assert sorted(counts.values()) == [1, 2, 4]
+    # Each steps value sets the roles and the epochs together: images x epochs is constant.
+    for value in ("2_12", "4_6"):
+        exp = experiments[f"cifar10-regime__steps-{value}"]
+        n, e = map(int, value.split("_"))
+        assert [exp["split"][r] for r in ROLES] == [n] * 4 and exp["pretrain"]["epochs"] == e
+    for exp_name, exp in experiments.items():
+        for model in ["target"] + [f"shadow{i}" for i in range(exp["shadow"]["count"])]:
+            assert _count(jobs, "pretrain", experiment=exp_name, model=model) == 1
+        assert _count(jobs, "adapt_decoder", experiment=exp_name) == 1
+        assert _count(jobs, "attack", experiment=exp_name) == 2 * len(exp["attacks"])
+    for ablation in ("epochs", "references", "steps"):
+        assert _count(jobs, "ablation_plot", ablation=ablation) == 1
+
+
+def test_digits_references_preset_sweeps_the_reference_count_offline_and_online(tmp_path):
+    preset = PRESETS / "digits-references.yaml"
+    config, jobs = _dry_run(tmp_path, preset, {"results": "out"})
+    experiments = resolve_experiments(config)
+    offline = {e["shadow"]["count"]: e for n, e in experiments.items() if "online" not in n}
+    online = {e["shadow"]["count"]: e for n, e in experiments.items() if "online" in n}
+    assert sorted(offline) == [1, 2, 4, 8, 16] and sorted(online) == [2, 4, 8, 16]
+    assert not any(e["shadow"]["online"] for e in offline.values())
+    assert all(e["shadow"]["online"] for e in online.values())
+    assert {e["attacks"]["lira_online"]["mode"] for e in online.values()} == {"online"}
+    assert _count(jobs, "pretrain", model="shadow15") == 2  # references-16, both families
+    assert _count(jobs, "extract", model="shadow15") == 2 * len(ROLES)
+
+
+def test_shadow_model_i_does_not_depend_on_the_number_of_shadow_models(tmp_path):
+    """Reference model i trains on the same images with the same seed and settings whatever
+    ``shadow.count`` is, so the sweep's cache trains each model once."""
+    import polars as pl
+
+    from mimia.data.prepare import write_manifest, write_membership
+    from mimia.defenses import model_pretrain
+
+    preset = yaml.safe_load((PRESETS / "digits-references.yaml").read_text())
+    experiments = resolve_experiments(preset)
+    two = experiments["digits-refs__references-2"]
+    sixteen = experiments["digits-refs__references-16"]
+    assert two["seed"] == sixteen["seed"] and model_spec(two) == model_spec(sixteen)
+    for model in ("shadow0", "shadow1"):
+        assert model_pretrain(two, model) == model_pretrain(sixteen, model)
+    manifest = tmp_path / "manifest.parquet"
+    write_manifest(dataset=two["dataset"], split=two["split"], seed=two["seed"], manifest=manifest)
+    tables = {}
+    for online in (False, True):
+        for model in ("shadow1", "shadow2"):
+            out = tmp_path / f"{model}-{online}.parquet"
+            write_membership(
+                manifest=manifest, model=model, online=online, seed=two["seed"], membership=out
+            )
+            tables[model, online] = pl.read_parquet(out)
+    # The membership file is written from the model's index alone (nothing of the count goes
+    # in); two models, and the two families, draw different halves.
+    for online in (False, True):
+        one, other = tables["shadow1", online], tables["shadow2", online]
+        assert one["is_in"].sum() == other["is_in"].sum() == one.height // 2
+        assert (one["is_in"] != other["is_in"]).any()
+    assert tables["shadow1", True].height > tables["shadow1", False].height
