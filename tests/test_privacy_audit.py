@@ -175,6 +175,10 @@ def _experiment(tmp_path, name, shift, epsilon, rng, audit):
         "knn_accuracy": 0.8,
         "random_init_linear_probe_accuracy": 0.6,
         "random_init_knn_accuracy": 0.5,
+        "heldout_masked_error": 1.0 + (epsilon or 0),
+        "heldout_masked_error_ci_low": 0.9 + (epsilon or 0),
+        "heldout_masked_error_ci_high": 1.1 + (epsilon or 0),
+        "heldout_masked_error_note": "not a table column",
     }
     utility.write_text(json.dumps(record))
     settings = {
@@ -206,10 +210,12 @@ def test_privacy_utility_table_joins_attacks_bounds_utility_and_settings(tmp_pat
     dp = df.filter((pl.col("experiment") == "dp") & (pl.col("attack") == "lira")).row(0, named=True)
     assert dp["accountant_epsilon"] == 3.0 and dp["linear_probe_accuracy"] == pytest.approx(0.7)
     assert dp["dp_target_epsilon"] == 3.0 and dp["epochs"] == 10
+    assert dp["heldout_masked_error"] == 4.0 and "heldout_masked_error_note" not in df.columns
     none = df.filter((pl.col("experiment") == "none") & (pl.col("attack") == "lira"))
     assert math.isinf(none["accountant_epsilon"][0]) and none["epsilon_lower_bound"][0] > 1.0
     md = out["md"].read_text()
     assert "| none |" in md and "| dp |" in md and "∞" in md and "lira (released)" in md
+    assert "| 4.000 [3.900, 4.100] |" in md  # dp's held-out masked error and its CI
     assert "random (released)" not in md  # the random baseline is never the strongest attack
 
     from mimia.report.figures import privacy_utility_figure

@@ -11,6 +11,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from mimia.data.prepare import write_manifest
 from mimia.data.sources import load_source
+from mimia.masking import deterministic_masks
 from mimia.models import build_model
 from mimia.models.checkpoint import save_model
 from mimia.pretrain import TrainConfig, train_mim
@@ -33,7 +34,8 @@ SPLIT = {
 }
 DATASET = {"name": "digits", "img_size": 16, "path": None, "urls": None, "split": "train"}
 UTILITY = {"pooling": "cls", "test_fraction": 0.5, "max_images": 10000, "k": 5, "C": 1.0}
-UTILITY |= {"max_iter": 2000, "enabled": True}
+UTILITY |= {"max_iter": 2000, "enabled": True, "mask_ratio": 0.75, "num_masks": 3}
+UTILITY |= {"n_bootstrap": 200}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,7 @@ def test_trained_and_random_encoders_on_real_digits(digits_manifest, tmp_path, t
     cfg = {"epochs": 30, "batch_size": 25, "warmup_epochs": 3, "blr": 1e-2}
     train_mim(model, images, TrainConfig.from_section(cfg, seed=0))
     weights = tmp_path / "model.safetensors"
-    save_model(model, weights, {"model": "target"})
+    save_model(model, weights, {"model": "target", "decoder_released": True})
 
     record = utility_stage(
         checkpoint=weights,
@@ -139,6 +141,22 @@ def test_trained_and_random_encoders_on_real_digits(digits_manifest, tmp_path, t
     assert record["random_init_linear_probe_accuracy"] > 0.3
     for pooling in ("cls", "mean"):
         assert set(record["by_pooling"][pooling]) == {"linear_probe", "knn"}
+
+    # The held-out masked error is the model's own training loss (its forward) under the
+    # keyed masks, averaged over masks and every pool image; training lowered it well below
+    # the random-init model's.
+    pool = torch.from_numpy(
+        np.stack([source.image(int(k), 16) for k in split["key"].to_list()])
+    ).permute(0, 3, 1, 2)
+    masks = deterministic_masks(0, split["key"].to_list(), 0.75, range(3), tiny_spec.grid_size)
+    with torch.no_grad():
+        losses = [model(pool.float() / 255, masks[:, k])[0] for k in range(3)]
+    expected = torch.stack(losses, dim=1).double().mean().item()
+    assert record["heldout_images"] == split.height
+    assert record["heldout_masked_error"] == pytest.approx(expected, rel=1e-5)
+    low, high = record["heldout_masked_error_ci_low"], record["heldout_masked_error_ci_high"]
+    assert low < expected < high
+    assert record["heldout_masked_error"] < 0.8 * record["random_init_heldout_masked_error"]
 
     # The k-NN on the trained encoder's features is scikit-learn's.
     keys = split["key"].to_list()

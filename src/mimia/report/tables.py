@@ -180,6 +180,7 @@ def privacy_utility_table(
             {
                 "experiment": r["experiment"],
                 **{k: v for k, v in r.items() if k.endswith("accuracy") or "_accuracy_ci_" in k},
+                **{k: v for k, v in r.items() if "heldout_masked_error" in k and "note" not in k},
                 "utility_n_test": r["n_test"],
             }
             for r in map(json.loads, (Path(p).read_text() for p in utility_records))
@@ -246,6 +247,7 @@ def privacy_utility_markdown(df: pl.DataFrame) -> str:
         "accountant ε",
         "linear probe",
         "k-NN",
+        "held-out masked error",
         "strongest attack (decoder)",
         "AUC",
         "TPR at 1 % FPR",
@@ -263,6 +265,7 @@ def privacy_utility_markdown(df: pl.DataFrame) -> str:
             "–" if eps is None else ("∞" if math.isinf(eps) else f"{eps:.2f}"),
             _fmt(row, "linear_probe_accuracy"),
             f"{row['knn_accuracy']:.3f}",
+            _fmt(row, "heldout_masked_error"),
             f"{row['attack']} ({row['decoder']})",
             _fmt(row, "auc"),
             _fmt(row, "tpr_at_fpr_0.01"),
@@ -274,7 +277,9 @@ def privacy_utility_markdown(df: pl.DataFrame) -> str:
         f"\nStrongest attack: highest TPR at 1 % FPR among the attacks and decoders (chosen on "
         f"the audit data). Linear probe: accuracy [Clopper–Pearson 95 % CI] on the utility "
         f"test half (random-init encoder: "
-        f"{df['random_init_linear_probe_accuracy'][0]:.3f}). ε lower bound: the largest over "
+        f"{df['random_init_linear_probe_accuracy'][0]:.3f}). Held-out masked error: the "
+        f"target's masked reconstruction error on the utility pool (images no model trained "
+        f"on) [bootstrap 95 % CI over images]. ε lower bound: the largest over "
         f"attacks, at confidence {conf:g} per threshold (Clopper–Pearson). Other values: point "
         f"estimate [bootstrap 95 % CI].\n"
     )
