@@ -188,39 +188,54 @@ def test_cifar10_cpu_study_dry_runs_its_sweeps(tmp_path, folder):
     assert experiments["cifar10-study-decoders"]["decoder"] == ["released", "shadow", "adapted"]
 
 
-def test_cifar10_paper_regime_dry_runs_its_sweeps(tmp_path, folder):
-    """Long pre-training, the reference-model count and the fixed-step members sweep."""
+def test_cifar10_paper_regime_dry_runs_long_pre_training(tmp_path, folder):
     preset = PRESETS / "cifar10-paper-regime.yaml"
-    steps = [
-        {**{f"split.{r}": n for r in ROLES}, "pretrain.epochs": e} for n, e in ((2, 12), (4, 6))
-    ]
-    extra = _override(folder, {}) | {"ablations": {"steps": {"values": steps}}}
-    config, jobs = _dry_run(tmp_path, preset, extra)
+    config, jobs = _dry_run(tmp_path, preset, _override(folder, {}))
     experiments = resolve_experiments(config)
     # The base is the CIFAR-10 CPU study's, so one cache shares their models.
     study = resolve_experiments(yaml.safe_load((PRESETS / "cifar10-cpu-study.yaml").read_text()))
     regime = resolve_experiments(yaml.safe_load(preset.read_text()))["cifar10-regime"]
     for key in ("seed", "dataset", "split", "model", "pretrain", "shadow", "extract"):
         assert regime[key] == study["cifar10-study"][key], key
-    base = experiments["cifar10-regime"]
-    assert base["decoder"] == ["released", "adapted"]
-    epochs = {e["ablation"]["value"]: n for n, e in experiments.items() if n.startswith(
-        "cifar10-regime__epochs-")}  # fmt: skip
-    assert sorted(epochs) == [15, 30, 60, 200, 800]
-    assert experiments[epochs[800]]["pretrain"]["epochs"] == 800
-    counts = {n: e["shadow"]["count"] for n, e in experiments.items() if "references" in n}
-    assert sorted(counts.values()) == [1, 2, 4]
-    # Each steps value sets the roles and the epochs together: images x epochs is constant.
-    for value in ("2_12", "4_6"):
-        exp = experiments[f"cifar10-regime__steps-{value}"]
-        n, e = map(int, value.split("_"))
-        assert [exp["split"][r] for r in ROLES] == [n] * 4 and exp["pretrain"]["epochs"] == e
+    assert experiments["cifar10-regime"]["decoder"] == ["released", "adapted"]
+    epochs = {e["ablation"]["value"]: e for e in experiments.values() if e.get("ablation")}
+    assert sorted(epochs) == [60, 200, 800]
+    assert (
+        epochs[800]["pretrain"]["epochs"] == 800 and epochs[800]["pretrain"]["warmup_epochs"] == 5
+    )
     for exp_name, exp in experiments.items():
-        for model in ["target"] + [f"shadow{i}" for i in range(exp["shadow"]["count"])]:
+        for model in ("target", "shadow0", "shadow1"):
             assert _count(jobs, "pretrain", experiment=exp_name, model=model) == 1
         assert _count(jobs, "adapt_decoder", experiment=exp_name) == 1
         assert _count(jobs, "attack", experiment=exp_name) == 2 * len(exp["attacks"])
-    for ablation in ("epochs", "references", "steps"):
+    assert _count(jobs, "ablation_plot", ablation="epochs") == 1
+
+
+def test_cifar10_references_and_fixed_steps_dry_run(tmp_path, folder):
+    """The reference-model count and images per role at a fixed number of optimiser steps."""
+    preset = PRESETS / "cifar10-references-steps.yaml"
+    roles = ((2, 12), (4, 6))
+    steps = [{**{f"split.{r}": n for r in ROLES}, "pretrain.epochs": e} for n, e in roles]
+    extra = _override(folder, {}) | {"ablations": {"steps": {"values": steps}}}
+    config, jobs = _dry_run(tmp_path, preset, extra)
+    experiments = resolve_experiments(config)
+    regime = resolve_experiments(
+        yaml.safe_load((PRESETS / "cifar10-paper-regime.yaml").read_text())
+    )
+    mine = resolve_experiments(yaml.safe_load(preset.read_text()))
+    assert mine["cifar10-regime"] == regime["cifar10-regime"]
+    counts = {n: e["shadow"]["count"] for n, e in experiments.items() if "references" in n}
+    assert sorted(counts.values()) == [1, 2, 4, 8]
+    # Each steps value sets the roles and the epochs together: images x epochs is constant.
+    for n, e in roles:
+        exp = experiments[f"cifar10-regime__steps-{n}_{e}"]
+        assert [exp["split"][r] for r in ROLES] == [n] * 4 and exp["pretrain"]["epochs"] == e
+    shipped = yaml.safe_load(preset.read_text())["ablations"]["steps"]["values"]
+    assert {v["split.target_member"] * v["pretrain.epochs"] for v in shipped} == {30000}
+    for exp_name, exp in experiments.items():
+        for model in ["target"] + [f"shadow{i}" for i in range(exp["shadow"]["count"])]:
+            assert _count(jobs, "pretrain", experiment=exp_name, model=model) == 1
+    for ablation in ("references", "steps"):
         assert _count(jobs, "ablation_plot", ablation=ablation) == 1
 
 
@@ -230,12 +245,14 @@ def test_digits_references_preset_sweeps_the_reference_count_offline_and_online(
     experiments = resolve_experiments(config)
     offline = {e["shadow"]["count"]: e for n, e in experiments.items() if "online" not in n}
     online = {e["shadow"]["count"]: e for n, e in experiments.items() if "online" in n}
-    assert sorted(offline) == [1, 2, 4, 8, 16] and sorted(online) == [2, 4, 8, 16]
+    assert sorted(offline) == [1, 2, 4, 8, 16] and sorted(online) == [2, 4]
     assert not any(e["shadow"]["online"] for e in offline.values())
     assert all(e["shadow"]["online"] for e in online.values())
     assert {e["attacks"]["lira_online"]["mode"] for e in online.values()} == {"online"}
-    assert _count(jobs, "pretrain", model="shadow15") == 2  # references-16, both families
-    assert _count(jobs, "extract", model="shadow15") == 2 * len(ROLES)
+    assert _count(jobs, "pretrain", model="shadow15") == 1  # references-16
+    assert _count(jobs, "extract", model="shadow15") == len(ROLES)
+    # shadow3: the two bases (4 each), references 4, 8, 16 and references_online 4.
+    assert _count(jobs, "pretrain", model="shadow3") == 6
 
 
 def test_shadow_model_i_does_not_depend_on_the_number_of_shadow_models(tmp_path):
