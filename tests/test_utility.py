@@ -13,7 +13,7 @@ from mimia.data.prepare import write_manifest
 from mimia.data.sources import load_source
 from mimia.models import build_model
 from mimia.models.checkpoint import save_model
-from mimia.pretrain import TrainConfig, train_mim
+from mimia.training import TrainConfig, train_mim
 from mimia.utility import (
     encoder_features,
     knn_predict,
