@@ -84,9 +84,7 @@ def shard_files(experiment, roles):
 # -- models -------------------------------------------------------------------------------------
 def target_weights(experiment):
     imported = EXPERIMENTS[experiment]["target"]["checkpoint"]
-    return Layout(RESULTS, experiment).weights(
-        IMPORTED_TARGET if imported else TARGET
-    )
+    return Layout(RESULTS, experiment).weights(IMPORTED_TARGET if imported else TARGET)
 
 
 def pretrain_inputs(wildcards):
