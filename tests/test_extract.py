@@ -7,9 +7,10 @@ import mimia
 from mimia.data.shards import write_tar_shard
 from mimia.data.sources import load_source
 from mimia.data.splits import split_roles
-from mimia.extract import ERROR_SCHEMA, extract_shard, score_batch
+from mimia.extract import ERROR_SCHEMA, extract_shard
 from mimia.masking import deterministic_masks
 from mimia.models import build_model
+from mimia.models.scoring import score_batch
 from mimia.provenance import read_metadata
 
 

@@ -21,9 +21,9 @@ from mimia.data.splits import split_roles
 from mimia.extract import extract_shard
 from mimia.models import build_model
 from mimia.models.checkpoint import load_model, read_weights, save_model
-from mimia.pretrain import TrainConfig, train_mim
 from mimia.provenance import write_parquet
 from mimia.storage import NoSpaceError, atomic_path
+from mimia.training import TrainConfig, train_mim
 
 CFG = TrainConfig.from_section(
     {"epochs": 3, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 1, "checkpoint_every": 1}, seed=1

@@ -13,17 +13,17 @@ removes the key so the schema's default applies again.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
-from mimia.layout import ROLES
+from mimia.layout import ROLES, TARGET, shadow_model
+from mimia.schema import SCHEMA_DIR, canonical, check_section, load_schema
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 ABLATION_SEPARATOR = "__"
 
@@ -51,41 +51,6 @@ def set_path(d: dict, dotted: str, value: Any) -> dict:
             raise ValueError(f"ablation parameter {dotted!r}: {key!r} is not a section")
     node[leaf] = value
     return out
-
-
-def canonical(value: Any) -> Any:
-    """``value`` with every mapping's keys sorted, recursively.
-
-    Snakemake compares rule params by their ``repr``: two configs that differ only in key
-    order (or in whether a default was written out) must give the same params, or every job
-    reruns with "params have changed".
-    """
-    if isinstance(value, dict):
-        return {k: canonical(value[k]) for k in sorted(value)}
-    if isinstance(value, list | tuple):
-        return [canonical(v) for v in value]
-    return value
-
-
-def _load_schema(schema_dir: Path = SCHEMA_DIR) -> dict:
-    return yaml.safe_load((schema_dir / "experiment.schema.yaml").read_text())
-
-
-def schema_defaults(section: str) -> dict:
-    """The schema's defaults of one experiment section (e.g. ``pretrain``)."""
-    props = _load_schema()["properties"][section]["properties"]
-    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
-
-
-def check_section(section: str, value: dict) -> None:
-    """Validate ``value`` against experiment section ``section``'s schema as it is (no
-    defaults filled in); ValueError naming the first key it refuses."""
-    full = _load_schema()
-    schema = {"$defs": full["$defs"], **full["properties"][section]}
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=str)
-    if errors:
-        where = ".".join(str(p) for p in errors[0].path)
-        raise ValueError(f"{where}: {errors[0].message}")
 
 
 def _validator(schema: dict):
@@ -143,7 +108,7 @@ def resolve_experiments(config: dict, schema_dir: Path = SCHEMA_DIR) -> dict[str
         if unknown:
             raise ValueError(f"select names unknown experiments {unknown}; defined: {sorted(raw)}")
         raw = {name: raw[name] for name in raw if name in select}
-    validator = _validator(_load_schema(schema_dir))
+    validator = _validator(load_schema(schema_dir))
     resolved = {}
     for name, exp in raw.items():
         if not NAME.match(name):
@@ -194,8 +159,6 @@ def _slug(value: Any) -> str:
 
 def _check(exp: dict) -> None:
     """Cross-field checks the schema cannot express, so bad input fails before any job."""
-    from mimia.defenses import check_defenses
-
     if exp["split"].get("assignment"):
         # Role sizes come from the assignment: shard counts are needed to build the DAG.
         exp["split"].update(_assignment_sizes(exp["split"]["assignment"]))
@@ -303,3 +266,113 @@ def model_spec(exp: dict):
 def section(exp: dict, name: str, drop: Iterable[str] = ()) -> dict:
     """A config section without the keys in ``drop``, canonical (for rule params)."""
     return canonical({k: v for k, v in exp[name].items() if k not in set(drop)})
+
+
+# -- training sections and defenses -------------------------------------------------------------
+RERUN_FREE_KEYS = ("checkpoint_every",)
+"""Training keys that change how a job runs, not what it computes (like ``runtime``): kept out
+of the rule params, so changing them reruns nothing; the job reads them itself."""
+
+DEFENSE_KEYS = ("dp", "early_stopping")
+"""``pretrain`` keys that are defenses rather than the recipe's settings: ``dp`` (DP-SGD with
+Opacus) and ``early_stopping`` (the epoch count chosen on a held-out slice of the training
+images). ``shadow.knows_defense`` says whether the adversary's shadow and reference models
+train with the target's defense or without it (then with ``shadow.pretrain`` over the target's
+other settings)."""
+
+
+def split_defenses(train: dict) -> tuple[dict, dict | None, dict | None]:
+    """A ``pretrain`` section as ``(recipe settings, dp, early_stopping)``."""
+    recipe = {k: v for k, v in train.items() if k not in DEFENSE_KEYS}
+    return recipe, train.get("dp"), train.get("early_stopping")
+
+
+def model_pretrain(exp: dict, model: str) -> dict:
+    """The ``pretrain`` section ``model`` trains with: the target's own; a shadow model's is the
+    same when the adversary knows the defense, else the target's without ``dp`` and
+    ``early_stopping`` and with ``shadow.pretrain`` merged over it."""
+    section = exp["pretrain"]
+    if model == TARGET or exp["shadow"]["knows_defense"]:
+        return canonical(section)
+    recipe, _, _ = split_defenses(section)
+    return canonical(deep_merge(recipe, exp["shadow"]["pretrain"]))
+
+
+def train_params(section: dict) -> dict:
+    """A training section as a rule param: without :data:`RERUN_FREE_KEYS`."""
+    return canonical({k: v for k, v in section.items() if k not in RERUN_FREE_KEYS})
+
+
+def check_defenses(exp: dict) -> None:
+    """Cross-field checks of the defense settings (part of config resolution); ValueError
+    naming the key."""
+    shadow = exp["shadow"]
+    if shadow["knows_defense"] and shadow["pretrain"]:
+        raise ValueError(
+            f"shadow.pretrain {shadow['pretrain']} is what an adversary who does not know the "
+            f"defense assumes; with shadow.knows_defense true the shadow models train with "
+            f"the target's pretrain section: set knows_defense false or drop shadow.pretrain"
+        )
+    sections = {"pretrain": exp["pretrain"]}
+    if not shadow["knows_defense"]:
+        sections["pretrain for the shadow models"] = model_pretrain(exp, shadow_model(0))
+        _check_shadow_pretrain(sections["pretrain for the shadow models"])
+    smallest_role = min(exp["split"][r] for r in ("target_member", "shadow_member"))
+    for where, section in sections.items():
+        _, dp, early = split_defenses(section)
+        if dp is not None:
+            if ("noise_multiplier" in dp) == ("target_epsilon" in dp):
+                raise ValueError(
+                    f"{where}.dp needs exactly one of noise_multiplier and target_epsilon, "
+                    f"got {sorted(dp)}"
+                )
+            if section["accum_iter"] != 1:
+                raise ValueError(
+                    f"{where}.dp: Poisson sampling draws a fresh batch every step, so "
+                    f"accum_iter must be 1 (got {section['accum_iter']}); raise batch_size"
+                )
+            if section["devices"] != 1:
+                # DP-SGD runs in one process: more would neither run nor be accounted for,
+                # yet would scale the learning rate and reserve that many GPUs.
+                raise ValueError(
+                    f"{where}.dp trains in one process, so devices must be 1 (got "
+                    f"{section['devices']}); raise batch_size instead"
+                )
+            if early is not None:
+                raise ValueError(
+                    f"{where}: dp and early_stopping together would choose the epoch count on "
+                    f"private images outside the accountant; use pretrain.epochs with dp"
+                )
+        if early is not None:
+            kept = smallest_role - math.ceil(early["holdout"] * smallest_role)
+            batch = section["batch_size"] * section["devices"]
+            if kept < batch:
+                per_device = f" x devices={section['devices']}" if section["devices"] > 1 else ""
+                raise ValueError(
+                    f"{where}.early_stopping.holdout={early['holdout']} leaves {kept} training "
+                    f"images, fewer than batch_size={section['batch_size']}{per_device}"
+                )
+
+
+def _check_shadow_pretrain(section: dict) -> None:
+    try:
+        check_section("pretrain", section)
+    except ValueError as err:
+        raise ValueError(f"shadow.pretrain: {err}") from None
+
+
+def describe(exp: dict) -> dict[str, Any]:
+    """The defense settings of an experiment, flat, for tables and figure labels."""
+    section = exp["pretrain"]
+    _, dp, early = split_defenses(section)
+    return {
+        "dp_noise_multiplier": None if dp is None else dp.get("noise_multiplier"),
+        "dp_target_epsilon": None if dp is None else dp.get("target_epsilon"),
+        "dp_max_grad_norm": None if dp is None else dp["max_grad_norm"],
+        "epochs": section["epochs"],
+        "augment": section["augment"],
+        "weight_decay": section["weight_decay"],
+        "mask_ratio": section["mask_ratio"],
+        "early_stopping": early is not None,
+        "knows_defense": exp["shadow"]["knows_defense"],
+    }

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mimia.layout import REFERENCE_DECODER, SHADOW_ROLES, TARGET, shadow_index
+from mimia.layout import ADAPTED_TARGET, OWN_DECODER, TARGET
 
 PathLike = str | Path
 
@@ -72,14 +72,6 @@ def shard(**kwargs) -> None:
 
 
 # -- models -------------------------------------------------------------------------------------
-def _train_config(train: dict, seed: int, runtime: dict):
-    from mimia.pretrain import TrainConfig
-
-    return TrainConfig.from_section(
-        train, seed=seed, device=runtime["device"], compile=runtime["compile"]
-    )
-
-
 def pretrain(
     *,
     manifest: PathLike,
@@ -94,64 +86,21 @@ def pretrain(
     runtime: dict,
     membership: PathLike | None = None,
 ) -> None:
-    """Pre-train the target (on ``target_member``) or shadow model ``model`` (on its
-    membership file's IN images); ``train.dp`` / ``train.early_stopping`` select DP-SGD or
-    early stopping (:mod:`mimia.defenses`)."""
-    import polars as pl
-    import torch
+    """Pre-train the target or shadow model ``model`` (:func:`mimia.training.run`)."""
+    from mimia.training import run
 
-    from mimia.data.shards import load_images
-    from mimia.defenses import split_defenses
-    from mimia.models import ModelSpec, build_model
-    from mimia.pretrain import resume_path_for, save_trained, train_mim
-    from mimia.provenance import read_metadata
-
-    rows = pl.read_parquet(manifest)
-    if model == TARGET:
-        ids = set(rows.filter(pl.col("role") == "target_member")["sample_id"])
-        offset = 0
-    else:
-        table = pl.read_parquet(membership)
-        ids = set(table.filter(pl.col("is_in"))["sample_id"])
-        offset = 1 + shadow_index(model)
-    if not ids:
-        raise ValueError(f"model {model!r} has no training images")
-    sample_ids, images = load_images(shards, ids)
-    recipe, dp, early = split_defenses(train)
-    cfg = _train_config(recipe, seed + offset, runtime)
-    torch.manual_seed(cfg.seed)
-    net = build_model(ModelSpec.from_dict(spec))
-    fingerprint = f"{net.spec.to_dict()}|{cfg.fingerprint()}|{sorted(ids)}"
-    resume = resume_path_for(weights)
-    info = {
-        "model": model,
-        "train_config": train,
-        "seed": cfg.seed,
-        "num_train_images": len(ids),
-        "manifest_sha256": read_metadata(manifest)["manifest_sha256"],
-        "decoder_released": True,
-    }
-    if dp is not None:
-        from mimia.config import canonical
-        from mimia.defenses import train_dp
-
-        history, info["dp"] = train_dp(
-            net,
-            images,
-            cfg,
-            dp,
-            resume_path=resume,
-            fingerprint=f"dp|{canonical(dp)}|{fingerprint}",
-        )
-    elif early is not None:
-        from mimia.defenses import train_early_stopped
-
-        history, info["early_stopping"] = train_early_stopped(
-            net, images, sample_ids, cfg, early, resume_path=resume, fingerprint=fingerprint
-        )
-    else:
-        history = train_mim(net, images, cfg, resume_path=resume, fingerprint=fingerprint)
-    save_trained(net, history, info, weights, train_log)
+    run(
+        model=model,
+        manifest=manifest,
+        shards=shards,
+        weights=weights,
+        train_log=train_log,
+        train=train,
+        seed=seed,
+        runtime=runtime,
+        spec=spec,
+        membership=membership,
+    )
     _same_paths(weights, sidecar)
 
 
@@ -201,34 +150,21 @@ def adapt_decoder(
     runtime: dict,
 ) -> None:
     """Fit the ``adapted`` decoder: shadow0's decoder on the frozen target encoder, trained on
-    the adversary's shards only (shadow roles)."""
-    import polars as pl
+    the adversary's shards only (:func:`mimia.training.run`)."""
+    from mimia.training import run
 
-    from mimia.data.shards import load_images
-    from mimia.decoders import adapt_decoder as adapt
-    from mimia.models.checkpoint import load_model
-    from mimia.pretrain import resume_path_for, save_trained
-    from mimia.provenance import file_sha256, read_metadata
-
-    rows = pl.read_parquet(manifest)
-    ids = set(rows.filter(pl.col("role").is_in(SHADOW_ROLES))["sample_id"])
-    _, images = load_images(shards, ids)
-    cfg = _train_config(train, seed + 10_000, runtime)
-    target_sha = file_sha256(target)
-    fingerprint = f"{target_sha}|{file_sha256(shadow)}|{cfg.fingerprint()}|{len(ids)}"
-    model, history = adapt(
-        load_model(target), load_model(shadow), images, cfg, resume_path_for(weights), fingerprint
+    run(
+        model=ADAPTED_TARGET,
+        manifest=manifest,
+        shards=shards,
+        weights=weights,
+        train_log=train_log,
+        train=train,
+        seed=seed,
+        runtime=runtime,
+        target=target,
+        shadow=shadow,
     )
-    info = {
-        "model": "target-adapted",
-        "adapt_config": train,
-        "seed": cfg.seed,
-        "num_train_images": len(ids),
-        "manifest_sha256": read_metadata(manifest)["manifest_sha256"],
-        "target_sha256": target_sha,
-        "decoder_released": False,
-    }
-    save_trained(model, history, info, weights, train_log)
     _same_paths(weights, sidecar)
 
 
@@ -266,10 +202,10 @@ def extract(
     """Reconstruction errors of one shard under the K masks of every mask ratio, for the
     scoring model (``checkpoint``'s encoder with the decoder ``decoder`` names)."""
     from mimia.extract import extract_shard, scoring_model
-    from mimia.pretrain import resolve_device
     from mimia.provenance import file_sha256, provenance, read_metadata
+    from mimia.training import resolve_device
 
-    if model != TARGET and decoder != REFERENCE_DECODER:
+    if model != TARGET and decoder != OWN_DECODER:
         raise ValueError(f"shadow models are scored with their own decoder, not {decoder!r}")
     checkpoints = _checkpoints(checkpoint, shadow_decoder)
     device = resolve_device(runtime["device"])
@@ -491,9 +427,17 @@ def _named(items) -> dict[str, Any]:
 
 
 def _runtime(smk) -> dict:
-    from mimia.config import resolve_experiments
+    """The experiment's ``runtime`` section, and for a training rule its section's
+    rerun-free keys (``checkpoint_every``): how the job runs, kept out of the rule params."""
+    from mimia.config import RERUN_FREE_KEYS, model_pretrain, resolve_experiments
 
-    return resolve_experiments(smk.config)[smk.wildcards.experiment]["runtime"]
+    exp = resolve_experiments(smk.config)[smk.wildcards.experiment]
+    training = {
+        "pretrain": lambda: model_pretrain(exp, smk.wildcards.model),
+        "adapt_decoder": lambda: exp["adapt"],
+    }.get(smk.rule)
+    extra = {} if training is None else {k: training()[k] for k in RERUN_FREE_KEYS}
+    return {**exp["runtime"], **extra}
 
 
 def run_script(smk) -> None:

@@ -44,7 +44,9 @@ rule membership:
     params:
         model="{model}",
         seed=from_exp(lambda e, wc: e["seed"]),
-        online=from_exp(lambda e, wc: e["shadow"]["online"] and wc.model != "shadow0"),
+        online=from_exp(
+            lambda e, wc: e["shadow"]["online"] and wc.model != PAPER_SHADOW
+        ),
     script:
         STAGE
 

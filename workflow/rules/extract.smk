@@ -54,7 +54,7 @@ rule embed:
     input:
         checkpoint=lambda wc: (
             target_weights(wc.experiment)
-            if wc.model == "target"
+            if wc.model == TARGET
             else layout(wc).weights(wc.model)
         ),
         shards=lambda wc: shard_files(wc.experiment, ROLES),

@@ -13,12 +13,12 @@ import polars as pl
 import torch
 
 from mimia.metrics import bootstrap_mean
+from mimia.models.scoring import score_batch
 
 
 def reconstruction_grid(model, images: torch.Tensor, sample_ids, titles, seed, mask_ratio, out):
     """Rows: samples; columns: original, masked input, reconstruction of the masked patches
     pasted into the visible ones (as MAE's demo: predictions of visible patches are untrained)."""
-    from mimia.extract import score_batch
     from mimia.masking import deterministic_masks
 
     spec = model.spec

@@ -170,7 +170,7 @@ def privacy_utility_table(
 ) -> pl.DataFrame:
     """Every experiment x decoder x attack with its attack metrics, epsilon lower bound and
     accountant epsilon, its encoder's utility and its defense settings (``settings``: per
-    experiment, :func:`mimia.defenses.describe`)."""
+    experiment, :func:`mimia.config.describe`)."""
     metrics = pl.concat([pl.read_parquet(p) for p in metric_tables], how="diagonal_relaxed")
     keep = [c for c in metrics.columns if c.split("_ci_")[0] in HEADLINE]
     metrics = metrics.select("experiment", "decoder", "attack", *keep)
