@@ -411,24 +411,27 @@ def test_a_killed_early_stopped_run_resumed_with_other_settings_trains_its_own_e
     tiny_spec, tmp_path
 ):
     """The final run's resume file names the early-stopping settings and the chosen epoch: a
-    run killed before its weights were saved, resumed with another patience (another chosen
-    epoch), must not continue the other run's file."""
+    run killed before its weights were saved, resumed with other settings (here a min_delta
+    no improvement reaches: the first check's epoch wins), must not continue the other run's
+    file."""
     images = _images(48)
     ids = [f"s{i:03d}" for i in range(48)]
     cfg = _cfg(epochs=8, checkpoint_every=1)
-    base = {"holdout": 0.25, "every": 1, "min_delta": 0.0, "num_masks": 2}
+    base = {"holdout": 0.25, "every": 1, "num_masks": 2}
+    settings = {
+        "patient": base | {"patience": 8, "min_delta": 0.0},
+        "strict": base | {"patience": 1, "min_delta": 1e9},
+    }
     resume = tmp_path / "resume.pt"
     records = {}
-    for patience in (8, 1):
+    for name, early in settings.items():
         torch.manual_seed(0)
         model = build_model(tiny_spec)
-        history, records[patience] = train_early_stopped(
-            model, images, ids, cfg, base | {"patience": patience}, resume, "f"
-        )
+        history, records[name] = train_early_stopped(model, images, ids, cfg, early, resume, "f")
         # The final run's resume file stays, as after a kill before the weights were saved.
         assert resume.exists()
-        assert len(history) == records[patience]["best_epoch"] + 1, patience
-    assert records[1]["best_epoch"] != records[8]["best_epoch"]
+        assert len(history) == records[name]["best_epoch"] + 1, name
+    assert records["strict"]["best_epoch"] == 0 < records["patient"]["best_epoch"]
 
 
 @pytest.mark.parametrize(
