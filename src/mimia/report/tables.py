@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from mimia.provenance import provenance, read_metadata, write_parquet
-from mimia.storage import write_json
+from mimia.storage import atomic_path, write_json
 
 HEADLINE = ["auc", "tpr_at_fpr_0.001", "tpr_at_fpr_0.01", "tpr_at_fpr_0.1", "balanced_accuracy"]
 
@@ -45,7 +45,7 @@ def experiment_metrics(
         "ablation": ablation,
         "results": rows,
     }
-    Path(out_json).write_text(json.dumps(info, indent=2))
+    write_json(out_json, info)
     write_parquet(
         df,
         out_parquet,
@@ -64,8 +64,10 @@ def summary(metric_tables: Sequence[str | Path], out_parquet, out_csv, out_md) -
     df = df.sort("experiment", "decoder", "attack")
     write_parquet(df, out_parquet, provenance(experiments=sorted(set(df["experiment"]))))
     flat = df.select(pl.exclude(pl.List, pl.Struct, pl.Object))
-    flat.write_csv(out_csv)
-    Path(out_md).write_text(markdown_table(df))
+    with atomic_path(out_csv) as tmp:
+        flat.write_csv(tmp)
+    with atomic_path(out_md) as tmp:
+        tmp.write_text(markdown_table(df))
     return df
 
 
@@ -204,8 +206,10 @@ def privacy_utility_table(
         .sort("experiment", "decoder", "attack")
     )
     write_parquet(df, out_parquet, provenance(experiments=sorted(settings)))
-    df.select(pl.exclude(pl.List, pl.Struct, pl.Object)).write_csv(out_csv)
-    Path(out_md).write_text(privacy_utility_markdown(df))
+    with atomic_path(out_csv) as tmp:
+        df.select(pl.exclude(pl.List, pl.Struct, pl.Object)).write_csv(tmp)
+    with atomic_path(out_md) as tmp:
+        tmp.write_text(privacy_utility_markdown(df))
     return df
 
 
