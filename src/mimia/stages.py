@@ -258,8 +258,8 @@ def embed(
     the runtime device (the device the rule reserves a GPU for)."""
     from mimia.extract import embed_shards
     from mimia.models.checkpoint import load_model
-    from mimia.pretrain import resolve_device
     from mimia.provenance import file_sha256, provenance, read_metadata, write_parquet
+    from mimia.training import resolve_device
 
     encoder = load_model(checkpoint, device=str(resolve_device(runtime["device"])))
     table = embed_shards(encoder, shards, model, seed, num_views, runtime["batch_size"])
