@@ -30,7 +30,8 @@ def test_an_installed_wheel_resolves_and_dry_runs_the_tiny_config(tmp_path):
     shutil.copytree(ROOT / "src", source / "src", ignore=junk)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     offline = ["--no-deps", "--no-index"]
-    _run([*pip, "wheel", *offline, "--no-build-isolation", "-w", "wheels", "source"], cwd=tmp_path)
+    build = [*pip, "wheel", *offline, "--no-build-isolation", "-w", "wheels", "./source"]
+    _run(build, cwd=tmp_path)
     (wheel,) = (tmp_path / "wheels").glob("mimia-*.whl")
     site = tmp_path / "site"
     _run([*pip, "install", *offline, "--target", str(site), str(wheel)])
