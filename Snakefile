@@ -24,7 +24,9 @@ if not workflow.config_settings.configfiles:
     configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+from mimia.schema import SCHEMA_DIR
+
+validate(config, str(SCHEMA_DIR / "config.schema.yaml"))
 
 
 include: "workflow/rules/common.smk"

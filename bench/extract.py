@@ -225,9 +225,9 @@ def run_mimia(model, shard: Path, out: Path, args, timers: dict[str, Timed]) -> 
 
 def preload(shard: Path, batch: int, device: torch.device):
     """The shard decoded into batches of uint8 images already on the device (not timed)."""
-    from mimia.data.shards import iter_shards
+    from mimia.data.shards import shard_dataset
 
-    items = list(iter_shards([shard]))
+    items = list(shard_dataset([shard]))
     batches = []
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]

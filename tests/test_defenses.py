@@ -300,34 +300,7 @@ def test_the_defenses_example_resolves_and_dry_runs(tmp_path):
     assert jobs["privacy_audit"] == jobs["utility"] == len(experiments)
 
 
-TINY_DP = {
-    "defaults": {
-        "seed": 1,
-        "dataset": {"name": "digits", "img_size": 16},
-        "split": {
-            "target_member": 40,
-            "target_nonmember": 40,
-            "shadow_member": 40,
-            "shadow_nonmember": 40,
-            "shard_size": 40,
-        },
-        "model": {
-            "encoder_overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2},
-            "decoder_embed_dim": 32,
-            "decoder_depth": 1,
-            "decoder_num_heads": 2,
-        },
-        "pretrain": {"epochs": 2, "batch_size": 20, "warmup_epochs": 1, "blr": 1e-2},
-        "shadow": {"count": 2, "knows_defense": False},
-        "decoder": ["released"],
-        "extract": {"mask_ratios": [0.75], "num_masks": 2, "grid_samples": 1},
-        "attacks": {"threshold": {}, "lira": {}},
-        "metrics": {"n_bootstrap": 20},
-        "runtime": {"batch_size": 40, "num_workers": 0},
-        "audit": {"enabled": True},
-    },
-    "experiments": {"tiny-dp": {"pretrain": {"dp": {"target_epsilon": 4.0}}}},
-}
+TINY_DP = yaml.safe_load((ROOT / ".test" / "config" / "defenses.yaml").read_text())
 
 
 @pytest.mark.slow

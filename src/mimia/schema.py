@@ -1,4 +1,4 @@
-"""The experiment schema (``workflow/schemas``): its defaults and its per-section checks.
+"""The experiment schema (``mimia/schemas``, package data): defaults and per-section checks.
 
 The one home of every setting's default. A leaf module (yaml and jsonschema only), so both the
 config layer and the training recipe read it without importing each other.
@@ -13,7 +13,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
+# Package data, so that an installed (not editable) mimia resolves configs; the Snakefile
+# validates against the same files.
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
 
 def load_schema(schema_dir: Path = SCHEMA_DIR) -> dict:

@@ -254,14 +254,15 @@ def embed(
     num_views: int,
     runtime: dict,
 ) -> None:
-    """EncoderMI features: similarities of the encoder's embeddings of augmented views."""
+    """EncoderMI features: similarities of the encoder's embeddings of augmented views, on
+    the runtime device (the device the rule reserves a GPU for)."""
     from mimia.extract import embed_shards
     from mimia.models.checkpoint import load_model
     from mimia.provenance import file_sha256, provenance, read_metadata, write_parquet
+    from mimia.training import resolve_device
 
-    table = embed_shards(
-        load_model(checkpoint), shards, model, seed, num_views, runtime["batch_size"]
-    )
+    encoder = load_model(checkpoint, device=str(resolve_device(runtime["device"])))
+    table = embed_shards(encoder, shards, model, seed, num_views, runtime["batch_size"])
     meta = provenance(
         seed=seed,
         manifest_sha256=read_metadata(manifest)["manifest_sha256"],

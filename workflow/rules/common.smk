@@ -1,7 +1,6 @@
 # Experiments, paths, params and input functions shared by every stage. Torch-free: reading
 # the workflow (the DAG build, every cluster job) imports only the config layer.
 import re
-from pathlib import Path
 
 from mimia.attacks import requires_embeddings
 from mimia.config import (
@@ -29,9 +28,7 @@ from mimia.layout import (
     shadow_models,
 )
 
-EXPERIMENTS = resolve_experiments(
-    config, Path(workflow.basedir) / "workflow" / "schemas"
-)
+EXPERIMENTS = resolve_experiments(config)
 RESULTS = config["results"]
 EXP = f"{RESULTS}/{{experiment}}"
 LOGS = f"{RESULTS}/logs/{{experiment}}"
