@@ -1,5 +1,9 @@
 # Experiments, paths, params and input functions shared by every stage. Torch-free: reading
-# the workflow (the DAG build, every cluster job) imports only the config layer.
+# the workflow (the DAG build, every cluster job) imports only the config layer. Every rule's
+# `code` param is the hash of the code its stage runs (mimia.provenance.code_identity): a code
+# change reruns what it affects, and the between-workflow cache keys on it.
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -28,6 +32,9 @@ from mimia.layout import (
     shard_count,
     shadow_models,
 )
+from mimia.provenance import code_identity
+from mimia.config import canonical
+from mimia.storage import claim_experiments, lock_results, seal_links
 
 EXPERIMENTS = resolve_experiments(
     config, Path(workflow.basedir) / "workflow" / "schemas"
@@ -214,3 +221,20 @@ def final_outputs():
         outputs += [f"{root}/metrics.json", f"{root}/roc.png"]
         outputs += [f"{root}/figures/reconstructions-{d}.png" for d in e["decoder"]]
     return outputs
+
+
+# -- one run per results folder -----------------------------------------------------------------
+def config_identity(e):
+    """What an experiment's results depend on: its config less the rerun-free runtime."""
+    settings = canonical({k: v for k, v in e.items() if k != "runtime"})
+    return hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()
+
+
+def start_run():
+    """Hold the results folder for this run (mimia.storage.lock_results), record or check
+    each experiment's config there, and seal cache entries that earlier runs linked."""
+    lock_results(RESULTS)
+    claim_experiments(
+        RESULTS, {name: config_identity(e) for name, e in EXPERIMENTS.items()}
+    )
+    seal_links(RESULTS)
