@@ -207,9 +207,9 @@ def lock_results(results: str | Path) -> None:
     _HELD[str(folder)] = fd
 
 
-def claim_experiments(results: str | Path, identities: dict[str, str]) -> None:
-    """Record which config made each experiment folder; refuse one made by another working
-    directory with another config.
+def claim_experiments(results: str | Path, identities: dict[str, str], record: bool = True) -> None:
+    """Record which config made each experiment folder (unless ``record`` is false: a check
+    only); refuse one made by another working directory with another config.
 
     Snakemake reruns what a changed param affects only from its own working directory's
     records: a run from elsewhere with another config would find the folder's results
@@ -231,5 +231,5 @@ def claim_experiments(results: str | Path, identities: dict[str, str]) -> None:
                 f"working directory {old.get('workdir')}; run it from there, give this run "
                 f"another results folder (--config results=...), or delete {record.parent}"
             )
-        if old != {"config_sha256": identity, "workdir": here}:
+        if record and old != {"config_sha256": identity, "workdir": here}:
             write_json(record, {"config_sha256": identity, "workdir": here})

@@ -318,9 +318,10 @@ class Verifier:
         f = self.finding(path)
         f.rank = min(f.rank, RANK["pretrain"])
         rest = {k: v for k, v in sidecar.items() if k != "sidecar_sha256"}
-        if sidecar.get("sidecar_sha256") != hashlib.sha256(
-            json.dumps(rest, sort_keys=True).encode()
-        ).hexdigest():
+        if (
+            sidecar.get("sidecar_sha256")
+            != hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+        ):
             f.fail(MISMATCH, "edited after it was written (its sidecar_sha256 does not match)")
         prov = sidecar.get("provenance") or {}
         self.note_code(f, prov.get("code_stage"), prov.get("code_sha256"), prov)

@@ -230,11 +230,21 @@ def config_identity(e):
     return hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()
 
 
+def claim_results(record):
+    """Check (and with ``record``, write) each experiment folder's config record."""
+    identities = {name: config_identity(e) for name, e in EXPERIMENTS.items()}
+    claim_experiments(RESULTS, identities, record=record)
+
+
 def start_run():
-    """Hold the results folder for this run (mimia.storage.lock_results), record or check
-    each experiment's config there, and seal cache entries that earlier runs linked."""
+    """Hold the results folder for this run (mimia.storage.lock_results), record each
+    experiment's config there, and seal cache entries that earlier runs linked."""
     lock_results(RESULTS)
-    claim_experiments(
-        RESULTS, {name: config_identity(e) for name, e in EXPERIMENTS.items()}
-    )
+    claim_results(record=True)
     seal_links(RESULTS)
+
+
+# Checked when the workflow is read too: a run that finds "nothing to be done" never starts,
+# and would otherwise accept another config's results as its own.
+if workflow.is_main_process:
+    claim_results(record=False)
