@@ -89,7 +89,8 @@ def test_verify_checks_the_utility_record_against_the_experiments_models(tmp_pat
 
     files = build_results(tmp_path, tiny_spec)
     utility = {"pooling": "cls", "test_fraction": 0.5, "max_images": 200, "k": 5, "C": 1.0}
-    utility |= {"max_iter": 200, "enabled": True}
+    utility |= {"max_iter": 200, "enabled": True, "mask_ratio": 0.75, "num_masks": 1}
+    utility |= {"n_bootstrap": 20}
     torch.manual_seed(5)
     stray = tmp_path / "elsewhere/model.safetensors"
     save_model(build_model(tiny_spec), stray, {"model": "target"})

@@ -87,6 +87,7 @@ class Verifier:
         self.findings: dict[str, Finding] = {}
         self._sha: dict[Path, str] = {}
         self._code: dict[str, str] = {}
+        self.sidecars: list[tuple[Path, dict]] = []
         self.recorded: set[str] = set()  # artifacts some downstream file records
 
     # -- reporting ---------------------------------------------------------------------------
@@ -140,6 +141,8 @@ class Verifier:
             elif path.suffix == ".tar":
                 self.check_tar(path, manifests)
                 self.finding(path).rank = min(self.finding(path).rank, RANK["shard"])
+        for path, sidecar in self.sidecars:
+            self.check_sidecar_weights(path, sidecar)
         by_target: dict[str, list[Claim]] = defaultdict(list)
         for claim in claims:
             by_target[claim.target].append(claim)
@@ -325,8 +328,14 @@ class Verifier:
             f.fail(MISMATCH, "edited after it was written (its sidecar_sha256 does not match)")
         prov = sidecar.get("provenance") or {}
         self.note_code(f, prov.get("code_stage"), prov.get("code_sha256"), prov)
+        self.sidecars.append((path, sidecar))
+
+    def check_sidecar_weights(self, path: Path, sidecar: dict) -> None:
+        """The weights beside a sidecar still have the sha256 it recorded (after their
+        structure is checked: a truncated file is reported as such, not as a mismatch)."""
+        prov = sidecar.get("provenance") or {}
         weights = path.with_suffix(".safetensors")
-        if not weights.exists():
+        if not weights.exists() or self.finding(weights).status == UNREADABLE:
             return
         w = self.finding(weights)
         self.recorded.add(w.artifact)
