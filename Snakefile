@@ -38,6 +38,19 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/defense.smk"
 
 
+# One run per results folder; cache entries this run stored are made read-only at its end.
+onstart:
+    start_run()
+
+
+onsuccess:
+    seal_links(RESULTS)
+
+
+onerror:
+    seal_links(RESULTS)
+
+
 # Quick bookkeeping and plotting jobs run where Snakemake runs, never as cluster submissions:
 # on a cluster each would wait for a node and a status check longer than it runs.
 localrules:

@@ -444,6 +444,12 @@ def _runtime(smk) -> dict:
 def run_script(smk) -> None:
     """Run the stage named like ``smk.rule`` with the rule's inputs, outputs and params.
 
+    Around the stage runs the hash chain (:mod:`mimia.provenance`): every input is hashed and
+    refused if it is not what its producer recorded (a model also against the hash its
+    sidecar recorded when it was written: one fetched from the between-workflow cache has no
+    receipt here), and every output gets a receipt of its own hash, the inputs' hashes and the
+    rule's ``code`` param (the hash of the stage's code).
+
     The log gets everything the stage prints, its traceback on failure and, at the end, the
     wall time (cached rules carry no ``benchmark:``, so this is where their timing lives).
     A full disk is reported as such, naming the file, also on the job's own stderr: the log
@@ -454,16 +460,22 @@ def run_script(smk) -> None:
     threads = str(max(int(smk.threads), 1))
     os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     stage = globals()[smk.rule]
-    kwargs = {**_named(smk.input), **_named(smk.output), **_named(smk.params)}
+    params = _named(smk.params)
+    code = params.pop("code", None)
+    kwargs = {**_named(smk.input), **_named(smk.output), **params}
     if "runtime" in inspect.signature(stage).parameters:
         kwargs["runtime"] = _runtime(smk)
     start = time.perf_counter()
     try:
+        inputs = _checked_inputs(list(smk.input), smk.config["results"])
+        outputs = [str(p) for p in smk.output]
+        _begin(smk.rule, code, inputs, outputs)
         if "torch" in sys.modules or smk.rule in _TORCH_RULES:
             import torch
 
             torch.set_num_threads(int(threads))
         stage(**kwargs)
+        _end(smk.rule, outputs, dict(smk.wildcards.items()))
     except BaseException as err:
         message = _failure(smk.rule, err)
         try:
@@ -474,6 +486,40 @@ def run_script(smk) -> None:
         print(message, file=sys.__stderr__, flush=True)
         raise SystemExit(1) from None
     print(f"{smk.rule} finished in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def _checked_inputs(inputs: list[str], results: str) -> dict[str, str]:
+    """SHA-256 of every input (a model's sidecar included), each checked against what its
+    producer recorded; a model in the results folder must match its sidecar's hash."""
+    from mimia.provenance import check_inputs
+    from mimia.storage import seal
+
+    for path in inputs:
+        seal(path)
+    models = [p for p in inputs if p.endswith(".safetensors")]
+    if models:
+        from mimia.models.checkpoint import check_weights, sidecar_path
+
+        for path in models:
+            inside = Path(os.path.abspath(path)).is_relative_to(os.path.abspath(results))
+            check_weights(path, required=inside)
+        inputs = inputs + [str(sidecar_path(p)) for p in models if sidecar_path(p).is_file()]
+    return check_inputs(inputs)
+
+
+def _begin(rule: str, code: str | None, inputs: dict[str, str], outputs: list[str]) -> None:
+    from mimia.provenance import begin_job, receipt_path
+
+    # A receipt outlives a failed rerun of its job only to be wrong about the file.
+    for path in outputs:
+        receipt_path(path).unlink(missing_ok=True)
+    begin_job(rule, code, inputs)
+
+
+def _end(rule: str, outputs: list[str], wildcards: dict[str, str]) -> None:
+    from mimia.provenance import write_receipts
+
+    write_receipts(outputs, rule, wildcards)
 
 
 _TORCH_RULES = {"pretrain", "import_target", "adapt_decoder", "extract", "embed", "reconstructions"}

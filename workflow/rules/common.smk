@@ -1,5 +1,9 @@
 # Experiments, paths, params and input functions shared by every stage. Torch-free: reading
-# the workflow (the DAG build, every cluster job) imports only the config layer.
+# the workflow (the DAG build, every cluster job) imports only the config layer. Every rule's
+# `code` param is the hash of the code its stage runs (mimia.provenance.code_identity): a code
+# change reruns what it affects, and the between-workflow cache keys on it.
+import hashlib
+import json
 import re
 
 from mimia.attacks import requires_embeddings
@@ -27,6 +31,9 @@ from mimia.layout import (
     shard_count,
     shadow_models,
 )
+from mimia.provenance import code_identity
+from mimia.config import canonical
+from mimia.storage import claim_experiments, lock_results, seal_links
 
 EXPERIMENTS = resolve_experiments(config)
 RESULTS = config["results"]
@@ -211,3 +218,30 @@ def final_outputs():
         outputs += [f"{root}/metrics.json", f"{root}/roc.png"]
         outputs += [f"{root}/figures/reconstructions-{d}.png" for d in e["decoder"]]
     return outputs
+
+
+# -- one run per results folder -----------------------------------------------------------------
+def config_identity(e):
+    """What an experiment's results depend on: its config less the rerun-free runtime."""
+    settings = canonical({k: v for k, v in e.items() if k != "runtime"})
+    return hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()
+
+
+def claim_results(record):
+    """Check (and with ``record``, write) each experiment folder's config record."""
+    identities = {name: config_identity(e) for name, e in EXPERIMENTS.items()}
+    claim_experiments(RESULTS, identities, record=record)
+
+
+def start_run():
+    """Hold the results folder for this run (mimia.storage.lock_results), record each
+    experiment's config there, and seal cache entries that earlier runs linked."""
+    lock_results(RESULTS)
+    claim_results(record=True)
+    seal_links(RESULTS)
+
+
+# Checked when the workflow is read too: a run that finds "nothing to be done" never starts,
+# and would otherwise accept another config's results as its own.
+if workflow.is_main_process:
+    claim_results(record=False)

@@ -18,6 +18,7 @@ rule manifest:
         mem_mb=4000,
         runtime=30,
     params:
+        code=code_identity("manifest"),
         dataset=from_exp(lambda e, wc: section(e, "dataset", drop=["img_size"])),
         split=from_exp(lambda e, wc: section(e, "split", drop=["shard_size"])),
         seed=from_exp(lambda e, wc: e["seed"]),
@@ -42,6 +43,7 @@ rule membership:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_identity("membership"),
         model="{model}",
         seed=from_exp(lambda e, wc: e["seed"]),
         online=from_exp(
@@ -67,6 +69,7 @@ rule shard:
         mem_mb=4000,
         runtime=60,
     params:
+        code=code_identity("shard"),
         dataset=from_exp(lambda e, wc: section(e, "dataset")),
         shard_size=from_exp(lambda e, wc: e["split"]["shard_size"]),
         role="{role}",

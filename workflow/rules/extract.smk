@@ -22,6 +22,7 @@ rule extract:
         runtime=120,
         gpu=config["gpu"],
     params:
+        code=code_identity("extract"),
         model="{model}",
         decoder="{decoder}",
         seed=from_exp(lambda e, wc: e["seed"]),
@@ -46,6 +47,8 @@ rule collect_errors:
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        code=code_identity("collect_errors"),
     script:
         STAGE
 
@@ -73,6 +76,7 @@ rule embed:
         runtime=120,
         gpu=config["gpu"],
     params:
+        code=code_identity("embed"),
         model="{model}",
         seed=from_exp(lambda e, wc: e["seed"]),
         num_views=from_exp(lambda e, wc: e["embed"]["num_views"]),

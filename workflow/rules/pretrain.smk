@@ -25,6 +25,7 @@ rule pretrain:
         runtime=240,
         gpu=lambda wc: config["gpu"] * pretrain_devices(wc),
     params:
+        code=code_identity("pretrain"),
         model="{model}",
         spec=from_exp(lambda e, wc: model_spec(e).to_dict()),
         # Without checkpoint_every: the job reads it itself, so changing it reruns nothing.
@@ -54,6 +55,7 @@ rule import_target:
         mem_mb=8000,
         runtime=30,
     params:
+        code=code_identity("import_target"),
         format=from_exp(lambda e, wc: e["target"]["format"]),
         spec=from_exp(lambda e, wc: model_spec(e).to_dict()),
         needs_decoder=from_exp(lambda e, wc: OWN_DECODER in e["decoder"]),
@@ -83,6 +85,7 @@ rule adapt_decoder:
         runtime=120,
         gpu=lambda wc: config["gpu"] * adapt_devices(wc),
     params:
+        code=code_identity("adapt_decoder"),
         train=from_exp(lambda e, wc: train_params(e["adapt"])),
         seed=from_exp(lambda e, wc: e["seed"]),
     script:

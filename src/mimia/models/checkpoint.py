@@ -39,6 +39,7 @@ Pickled files (``.pth``, ``.bin``, ``.pt``, ``.ckpt``) are read only through
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import pickle
@@ -68,13 +69,14 @@ from mimia.models.spec import (
     spec_differences,
     spec_from_fields,
 )
-from mimia.provenance import file_sha256
+from mimia.provenance import InputChangedError, file_sha256, job_record, shown
 from mimia.storage import atomic_path
 
 __all__ = [
     "FORMATS",
     "SAFE_CONTAINERS",
     "CheckpointRefusedError",
+    "check_weights",
     "file_sha256",
     "hf_spec",
     "import_checkpoint",
@@ -142,14 +144,59 @@ class CheckpointRefusedError(ValueError):
 
 # -- mimia's own format ------------------------------------------------------------------------
 def save_model(model: MIMModel, weights: str | Path, info: dict[str, Any] | None = None) -> None:
-    """Write weights and sidecar atomically; the sidecar lands first, so weights imply it."""
+    """Write weights and sidecar atomically; the sidecar lands first, so weights imply it.
+
+    The sidecar records the weights' sha256 and, in a workflow job, the job's code hash,
+    commit and input hashes (the training shards'); ``sidecar_sha256`` covers the rest of
+    the sidecar, so an edit to either file is found (:func:`check_weights`).
+    """
     weights = Path(weights)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    sidecar = {"spec": model.spec.to_dict(), "info": info or {}}
     with atomic_path(weights) as tmp_w:
         save_file(state, str(tmp_w))
+        sidecar = {
+            "spec": model.spec.to_dict(),
+            "info": info or {},
+            "weights_sha256": file_sha256(tmp_w),
+            "provenance": job_record(),
+        }
+        sidecar["sidecar_sha256"] = _sidecar_sha256(sidecar)
         with atomic_path(sidecar_path(weights)) as tmp_j:
             tmp_j.write_text(json.dumps(sidecar, indent=2))
+
+
+def _sidecar_sha256(sidecar: dict[str, Any]) -> str:
+    rest = {k: v for k, v in sidecar.items() if k != "sidecar_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def check_weights(weights: str | Path, required: bool = True) -> None:
+    """Refuse weights, or a sidecar, changed since :func:`save_model` wrote them: a model
+    fetched from a shared cache is checked so before use, and the message names the cache
+    file. ``required=False`` lets a sidecar that records no hash pass (a checkpoint from
+    elsewhere, written before mimia recorded one)."""
+    sidecar = read_sidecar(weights)
+    recorded = sidecar.get("weights_sha256")
+    if recorded is None and not required:
+        return
+    where = shown(sidecar_path(weights))
+    if recorded is None:
+        raise InputChangedError(
+            f"sidecar {where} records no weights_sha256: the model was not written by this "
+            f"version of mimia; delete it and rerun to train it again"
+        )
+    if sidecar.get("sidecar_sha256") != _sidecar_sha256(sidecar):
+        raise InputChangedError(
+            f"sidecar {where} was edited after it was written (its sidecar_sha256 does not "
+            f"match its content); delete the model and rerun"
+        )
+    found = file_sha256(weights)
+    if found != recorded:
+        raise InputChangedError(
+            f"weights {shown(weights)} have sha256 {found}, but their sidecar recorded "
+            f"{recorded} when they were written: the file was replaced or changed since; "
+            f"delete the model and rerun"
+        )
 
 
 def read_sidecar(weights: str | Path) -> dict[str, Any]:
