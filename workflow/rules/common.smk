@@ -10,6 +10,7 @@ from mimia.config import (
     model_pretrain,
     model_spec,
     resolve_experiments,
+    results_folder,
     section,
     train_params,
 )
@@ -29,13 +30,14 @@ from mimia.layout import (
     shadow_models,
 )
 
+RESULTS = results_folder(config["results"])
 EXPERIMENTS = resolve_experiments(
     config, Path(workflow.basedir) / "workflow" / "schemas"
 )
-RESULTS = config["results"]
 EXP = f"{RESULTS}/{{experiment}}"
 LOGS = f"{RESULTS}/logs/{{experiment}}"
 BENCH = f"{RESULTS}/benchmarks/{{experiment}}"
+SOURCE_DIGESTS = f"{RESULTS}/.source-digests.json"
 PATTERN = Layout(RESULTS, "{experiment}")
 STAGE = "../scripts/stage.py"
 ENV = "../../envs/mimia.yaml"
