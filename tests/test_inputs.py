@@ -15,9 +15,14 @@ import torch
 import yaml
 from PIL import Image
 
-from mimia.config import resolve_experiments, results_folder
+from mimia.config import (
+    RDP_ORDERS,
+    model_pretrain,
+    rdp_epsilon_floor,
+    resolve_experiments,
+    results_folder,
+)
 from mimia.data.sources import load_source, source_fingerprint
-from mimia.defenses import RDP_ORDERS, model_pretrain, rdp_epsilon_floor
 from mimia.models import build_model
 from mimia.models.checkpoint import import_mae_checkpoint, load_model
 from mimia.models.spec import ModelSpec
