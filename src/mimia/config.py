@@ -53,6 +53,39 @@ def set_path(d: dict, dotted: str, value: Any) -> dict:
     return out
 
 
+def results_folder(value: Any) -> str:
+    """The ``results`` setting, refused unless it names a folder mimia may fill: not empty
+    (outputs would be planned under ``/``), not the filesystem root, not an existing file."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"results: {value!r} is not a folder; give a path such as 'results'")
+    path = Path(value).expanduser()
+    if path.resolve().parent == path.resolve():
+        raise ValueError(f"results: {value!r} is the filesystem root; give a folder of its own")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"results: {value!r} is an existing file, not a folder")
+    return value.rstrip("/") or value
+
+
+def whole_numbers(section: str, value: dict) -> dict:
+    """``value`` (settings of experiment section ``section``, e.g. ``shadow.pretrain``'s
+    overrides of ``pretrain``) with whole-number floats of integer settings made ints, as
+    :func:`resolve_experiments` does for every section the schema completes."""
+
+    def walk(schema: dict, node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        props = schema.get("properties", {})
+        out = {}
+        for key, v in node.items():
+            sub = props.get(key, {})
+            if sub.get("type") == "integer" and isinstance(v, float) and v.is_integer():
+                v = int(v)
+            out[key] = walk(sub, v)
+        return out
+
+    return walk(load_schema()["properties"][section], value)
+
+
 def _validator(schema: dict):
     base = jsonschema.Draft202012Validator
 
@@ -109,6 +142,8 @@ def resolve_experiments(config: dict, schema_dir: Path = SCHEMA_DIR) -> dict[str
             raise ValueError(f"select names unknown experiments {unknown}; defined: {sorted(raw)}")
         raw = {name: raw[name] for name in raw if name in select}
     validator = _validator(load_schema(schema_dir))
+    # Before the schema fills in its defaults: which architecture fields the user wrote.
+    written = {name: copy.deepcopy(exp) for name, exp in raw.items()}
     resolved = {}
     for name, exp in raw.items():
         if not NAME.match(name):
@@ -120,10 +155,15 @@ def resolve_experiments(config: dict, schema_dir: Path = SCHEMA_DIR) -> dict[str
             e = errors[0]
             where = ".".join(str(p) for p in e.path) or "(top level)"
             raise ValueError(f"experiment {name!r}: {where}: {e.message}")
+        stated = _stated(written[name])
         try:
-            _check(exp)
+            _check(exp, stated)
         except ValueError as err:
             raise ValueError(f"experiment {name!r}: {err}") from None
+        if exp["target"]["checkpoint"] and exp["target"]["format"] in UNTOLD_BY_FORMAT:
+            # For the import job, which takes only what the user wrote where the checkpoint
+            # does not say (a param: only the fields a checkpoint may leave unsaid).
+            exp["target"]["stated"] = sorted(set(stated) & set(UNTOLD))
         resolved[name] = canonical(exp)
     return resolved
 
@@ -157,7 +197,27 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "_", text)
 
 
-def _check(exp: dict) -> None:
+# Architecture fields that a timm state dict or an MAE release does not record (an MAE training
+# checkpoint's args may): for an imported target they must be what the user wrote.
+UNTOLD = ("num_heads", "norm_eps", "decoder_num_heads", "norm_pix_loss", "mean", "std")
+# Per format, those the config must state before any job runs (a timm file never says them;
+# an MAE checkpoint is checked by the import job, which reads its args).
+UNTOLD_BY_FORMAT = {"timm": ("num_heads", "norm_eps"), "mae": ()}
+
+
+def _stated(exp: dict) -> list[str]:
+    """Architecture fields (:func:`mimia.models.spec.architecture` names) that an experiment
+    as written, before schema defaults, sets: ``model`` keys, ``encoder_overrides`` keys (not
+    the encoder name's table) and ``dataset.img_size``."""
+    model = exp.get("model") or {}
+    out = {k for k in model if k != "encoder_overrides"}
+    out |= set(model.get("encoder_overrides") or {})
+    if "img_size" in (exp.get("dataset") or {}):
+        out.add("img_size")
+    return sorted(out)
+
+
+def _check(exp: dict, stated: Iterable[str] = ()) -> None:
     """Cross-field checks the schema cannot express, so bad input fails before any job."""
     if exp["split"].get("assignment"):
         # Role sizes come from the assignment: shard counts are needed to build the DAG.
@@ -166,9 +226,11 @@ def _check(exp: dict) -> None:
         spec = model_spec(exp)
     except ValueError as err:
         raise ValueError(f"model: {err}") from None
-    _check_target(exp, spec)
+    _check_target(exp, spec, stated)
     _check_attacks(exp)
+    exp["shadow"]["pretrain"] = whole_numbers("pretrain", exp["shadow"]["pretrain"])
     check_defenses(exp)
+    check_privacy_budget(exp)
     for section in ("pretrain", "adapt"):
         cfg = exp[section]
         if cfg["warmup_epochs"] > cfg["epochs"]:
@@ -203,10 +265,11 @@ def _assignment_sizes(path: str) -> dict[str, int]:
     return {role: counts[role] for role in ROLES}
 
 
-def _check_target(exp: dict, spec) -> None:
+def _check_target(exp: dict, spec, stated: Iterable[str] = ()) -> None:
     """A released target must be what the ``model`` section describes: that section builds
-    the shadow models, whose decoders go on the target encoder."""
-    from mimia.models.spec import declared_spec, spec_differences
+    the shadow models, whose decoders go on the target encoder. What its checkpoint cannot
+    record must be written in the experiment, not filled in from defaults."""
+    from mimia.models.spec import config_key, declared_spec, spec_differences
 
     target = exp["target"]
     if not target["checkpoint"]:
@@ -215,6 +278,15 @@ def _check_target(exp: dict, spec) -> None:
         raise ValueError(
             "a timm target checkpoint is an encoder only; decoder mode 'released' needs the "
             "target's decoder (use decoder: [shadow, adapted])"
+        )
+    unstated = [k for k in UNTOLD_BY_FORMAT.get(target["format"], ()) if k not in set(stated)]
+    if unstated:
+        keys = ", ".join(config_key(k) for k in unstated)
+        raise ValueError(
+            f"target.checkpoint {target['checkpoint']} (format {target['format']}) does not "
+            f"record {keys}: write {'it' if len(unstated) == 1 else 'them'} in the experiment's "
+            f"model section (mimia takes neither the schema's defaults nor the encoder name's "
+            f"table for an imported target)"
         )
     declared = declared_spec(target["checkpoint"], target["format"])
     if declared is None:  # timm / mae: checked against the tensors' shapes at import
@@ -352,6 +424,44 @@ def check_defenses(exp: dict) -> None:
                     f"{where}.early_stopping.holdout={early['holdout']} leaves {kept} training "
                     f"images, fewer than batch_size={section['batch_size']}{per_device}"
                 )
+
+
+# Opacus' RDP accountant's orders (RDPAccountant.DEFAULT_ALPHAS), kept here so that the
+# config check needs neither Opacus nor torch; tests/test_inputs.py checks them against it.
+RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+
+
+def rdp_epsilon_floor(delta: float) -> float:
+    """The smallest epsilon Opacus' RDP accountant can certify at ``delta``, however much
+    noise: its conversion from Renyi DP at orders up to 63 never goes below this."""
+    return min(
+        -(math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a) for a in RDP_ORDERS
+    )
+
+
+def check_privacy_budget(exp: dict) -> None:
+    """Refuse a ``pretrain.dp`` whose guarantee is void or cannot be reached, naming the key:
+    ``delta`` not below 1 / N (N: the target's training images) permits releasing one of
+    them outright; a ``target_epsilon`` at or below what the RDP accountant can certify at
+    that ``delta`` makes the job fail after the data are prepared."""
+    dp = exp["pretrain"].get("dp")
+    if dp is None:
+        return
+    n = exp["split"]["target_member"]
+    if dp["delta"] >= 1 / n:
+        raise ValueError(
+            f"pretrain.dp.delta={dp['delta']:g} is not below 1/N = 1/{n}, N being the "
+            f"target's training images: such a guarantee allows leaking an image; use a delta "
+            f"well below {1 / n:.3g}"
+        )
+    if "target_epsilon" in dp and dp["accountant"] == "rdp":
+        floor = rdp_epsilon_floor(dp["delta"])
+        if dp["target_epsilon"] <= floor:
+            raise ValueError(
+                f"pretrain.dp.target_epsilon={dp['target_epsilon']:g} is too small for the "
+                f"rdp accountant: at delta={dp['delta']:g} it certifies no epsilon below "
+                f"{floor:.4f}, however much noise; raise target_epsilon or delta"
+            )
 
 
 def _check_shadow_pretrain(section: dict) -> None:

@@ -112,8 +112,13 @@ def import_target(
     format: str,
     spec: dict,
     needs_decoder: bool,
+    stated: Sequence[str] | None = None,
 ) -> None:
-    """Bring released target weights into mimia's format (checked against ``spec``)."""
+    """Bring released target weights into mimia's format (checked against ``spec``).
+
+    ``stated``: for timm and mae checkpoints, the fields of ``spec`` the user wrote; a field
+    the checkpoint does not record must be one of them.
+    """
     from mimia.models import ModelSpec
     from mimia.models.checkpoint import import_checkpoint, save_model
 
@@ -122,7 +127,10 @@ def import_target(
     ignore = ["mean", "std"] if format == "mimia" else []
     if not needs_decoder:
         ignore += [f for f in spec if f.startswith("decoder_")]
-    model, info = import_checkpoint(checkpoint, format, ModelSpec.from_dict(spec), ignore=ignore)
+    options = {} if stated is None else {"stated": stated}
+    model, info = import_checkpoint(
+        checkpoint, format, ModelSpec.from_dict(spec), ignore=ignore, **options
+    )
     if needs_decoder and not info["decoder_released"]:
         raise ValueError(
             f"target checkpoint {checkpoint} has no decoder, so decoder mode 'released' cannot "

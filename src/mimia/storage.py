@@ -51,8 +51,13 @@ def _free_bytes(folder: Path) -> int | None:
 def _disk_full(err: BaseException, folder: Path) -> str | None:
     """Why ``err`` looks like a full disk (a detail for the message), or None."""
     if isinstance(err, OSError) and err.errno in _FULL:
-        return f"{_FULL[err.errno]}: {err}"
-    text = str(err)
+        return _FULL[err.errno]
+    # An OSError's text names the temp file it failed on: the message names the final path.
+    text = (
+        f"[Errno {err.errno}] {err.strerror}"
+        if isinstance(err, OSError) and err.strerror
+        else str(err)
+    )
     if any(t in text for t in _FULL_TEXT):
         return f"{type(err).__name__}: {text}"
     free = _free_bytes(folder)

@@ -9,10 +9,12 @@ import re
 from mimia.attacks import requires_embeddings
 from mimia.config import (
     attack_kind,
+    canonical,
     describe,
     model_pretrain,
     model_spec,
     resolve_experiments,
+    results_folder,
     section,
     train_params,
 )
@@ -32,14 +34,14 @@ from mimia.layout import (
     shadow_models,
 )
 from mimia.provenance import code_identity
-from mimia.config import canonical
 from mimia.storage import claim_experiments, lock_results, seal_links
 
+RESULTS = results_folder(config["results"])
 EXPERIMENTS = resolve_experiments(config)
-RESULTS = config["results"]
 EXP = f"{RESULTS}/{{experiment}}"
 LOGS = f"{RESULTS}/logs/{{experiment}}"
 BENCH = f"{RESULTS}/benchmarks/{{experiment}}"
+SOURCE_DIGESTS = f"{RESULTS}/.source-digests.json"
 PATTERN = Layout(RESULTS, "{experiment}")
 STAGE = "../scripts/stage.py"
 ENV = "../../envs/mimia.yaml"

@@ -22,8 +22,12 @@ rule manifest:
         dataset=from_exp(lambda e, wc: section(e, "dataset", drop=["img_size"])),
         split=from_exp(lambda e, wc: section(e, "split", drop=["shard_size"])),
         seed=from_exp(lambda e, wc: e["seed"]),
-        # The source's file listing: adding, removing or replacing an image reruns the split.
-        source_fingerprint=from_exp(lambda e, wc: source_fingerprint(e["dataset"])),
+        # The source's files: adding, removing or replacing an image reruns the split; a
+        # touch or copy (same bytes) does not. Digests of unchanged files are kept between
+        # DAG builds.
+        source_fingerprint=from_exp(
+            lambda e, wc: source_fingerprint(e["dataset"], SOURCE_DIGESTS)
+        ),
     script:
         STAGE
 

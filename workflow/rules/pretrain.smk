@@ -59,6 +59,7 @@ rule import_target:
         format=from_exp(lambda e, wc: e["target"]["format"]),
         spec=from_exp(lambda e, wc: model_spec(e).to_dict()),
         needs_decoder=from_exp(lambda e, wc: OWN_DECODER in e["decoder"]),
+        stated=from_exp(lambda e, wc: e["target"].get("stated")),
     script:
         STAGE
 
