@@ -34,6 +34,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/attack.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/defense.smk"
+include: "workflow/rules/usage.smk"
 
 
 # Quick bookkeeping and plotting jobs run where Snakemake runs, never as cluster submissions:
@@ -51,3 +52,4 @@ rule all:
     default_target: True
     input:
         final_outputs(),
+        usage_outputs(),

@@ -159,6 +159,8 @@ def _slug(value: Any) -> str:
 
 def _check(exp: dict) -> None:
     """Cross-field checks the schema cannot express, so bad input fails before any job."""
+    from mimia.usage import check_usage
+
     if exp["split"].get("assignment"):
         # Role sizes come from the assignment: shard counts are needed to build the DAG.
         exp["split"].update(_assignment_sizes(exp["split"]["assignment"]))
@@ -169,6 +171,7 @@ def _check(exp: dict) -> None:
     _check_target(exp, spec)
     _check_attacks(exp)
     check_defenses(exp)
+    check_usage(exp)
     for section in ("pretrain", "adapt"):
         cfg = exp[section]
         if cfg["warmup_epochs"] > cfg["epochs"]:
