@@ -300,3 +300,58 @@ def test_usage_stage_writes_estimates_per_decoder_attack_and_collection(audited)
     released = summary[("released", "lira")]
     assert released["mean_abs_error"] < released["naive_mean_abs_error"]
     assert released["f0_collections"] == 1 and released["f0_ci_excludes_0"] == 0
+    assert 0 < released["mean_ci_width"] < 0.5
+
+
+def test_the_digits_example_schedules_one_usage_job_over_one_target(tmp_path):
+    import yaml
+    from test_workflow import ROOT, _snakemake
+
+    config = yaml.safe_load((ROOT / "config/examples/usage.yaml").read_text())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = _snakemake(tmp_path, "--dry-run", "--quiet", "rules")
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = {
+        parts[0]: int(parts[1])
+        for parts in map(str.split, run.stdout.splitlines())
+        if len(parts) == 2 and parts[1].isdigit()
+    }
+    # Every fraction f is a collection of the same experiment: one target, four shadow models.
+    assert jobs["usage"] == 1 and jobs["pretrain"] == 5 and jobs["attack"] == 9
+
+
+@pytest.mark.slow
+def test_the_workflow_writes_the_usage_audit(tmp_path):
+    import copy
+
+    import yaml
+    from test_workflow import TINY, _snakemake
+
+    config = copy.deepcopy(TINY)
+    config["experiments"] = {"tiny": {}}
+    config["defaults"].update(
+        decoder=["released", "adapted"],
+        attacks={"threshold": {}, "lira": {}, "encodermi_set": {}},
+        usage={
+            "enabled": True,
+            "collections": {"f0": {"fraction": 0, "size": 20}, "all": {"role": "target_member"}},
+            "n_bootstrap": 50,
+        },
+    )
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = _snakemake(tmp_path)
+    assert run.returncode == 0, run.stderr[-5000:]
+    report = json.loads((tmp_path / "results/tiny/usage.json").read_text())
+    rows = report["results"]
+    # EncoderMI is left out by default: no features exist for the reference models.
+    assert {(r["decoder"], r["attack"]) for r in rows} == {
+        (d, a) for d in ("released", "adapted") for a in ("threshold", "lira")
+    }
+    assert {(r["collection"], r["true_fraction"]) for r in rows} == {("f0", 0.0), ("all", 1.0)}
+    for r in rows:
+        assert r["status"] in ("estimate", "no estimate") and r["reason"] is not None
+        if r["status"] == "estimate":
+            assert 0 <= r["estimate"] <= 1 and 0 <= r["naive"] <= 1
+            # Shown clipped only with the raw value beside it.
+            assert r["clipped"] or r["estimate"] == r["estimate_raw"]
+    assert (tmp_path / "results/tiny/usage.png").read_bytes()[:4] == b"\x89PNG"

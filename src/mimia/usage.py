@@ -469,8 +469,8 @@ def usage_stage(
 
 def validation_summary(frame: pl.DataFrame) -> list[dict]:
     """Per (decoder, attack) over the collections: mean |f_hat - f| of DUCI and of the naive
-    estimate, and how often the CI holds the truth; for collections with f = 0, how often the
-    CI excludes 0 (a false accusation)."""
+    estimate, the mean CI width (what a decoder mode costs), how often the CI holds the truth;
+    for collections with f = 0, how often the CI excludes 0 (a false accusation)."""
     ok = frame.filter(pl.col("status") == "estimate")
     out = []
     for (decoder, attack), g in ok.group_by(["decoder", "attack"], maintain_order=True):
@@ -485,6 +485,7 @@ def validation_summary(frame: pl.DataFrame) -> list[dict]:
                 "collections": len(g),
                 "mean_abs_error": float(np.mean(np.abs(g["estimate"].to_numpy() - f))),
                 "naive_mean_abs_error": float(np.mean(np.abs(g["naive"].to_numpy() - f))),
+                "mean_ci_width": float(np.mean((hi - lo)[has_ci])) if has_ci.any() else None,
                 "ci_covers_truth": int(((lo <= f) & (f <= hi))[has_ci].sum()),
                 "collections_with_ci": int(has_ci.sum()),
                 "f0_ci_excludes_0": int((lo[zero] > 0).sum()),

@@ -4,7 +4,6 @@
 from mimia.usage import usage_attacks
 
 
-
 def usage_pairs(experiment):
     e = EXPERIMENTS[experiment]
     return [[d, a] for d in e["decoder"] for a in usage_attacks(e, experiment)]
