@@ -14,6 +14,7 @@ from mimia.config import (
     train_params,
 )
 from mimia.data.sources import source_fingerprint
+from mimia.usage import usage_attacks
 from mimia.layout import (
     ADAPTED_TARGET,
     DECODER_MODES,
@@ -214,3 +215,30 @@ def final_outputs():
         outputs += [f"{root}/metrics.json", f"{root}/roc.png"]
         outputs += [f"{root}/figures/reconstructions-{d}.png" for d in e["decoder"]]
     return outputs
+
+
+# -- dataset usage inference --------------------------------------------------------------------
+def usage_pairs(experiment):
+    e = EXPERIMENTS[experiment]
+    return [[d, a] for d in e["decoder"] for a in usage_attacks(e, experiment)]
+
+
+def usage_inputs(wildcards):
+    e = EXPERIMENTS[wildcards.experiment]
+    lay = Layout(RESULTS, wildcards.experiment)
+    return {
+        "errors": lay.all_errors,
+        "manifest": lay.manifest,
+        "membership": [lay.membership(m) for m in shadow_models(e["shadow"]["count"])],
+        "scores": [
+            lay.attack(d, a, "scores") for d, a in usage_pairs(wildcards.experiment)
+        ],
+    }
+
+
+def usage_outputs():
+    return [
+        f"{RESULTS}/{name}/usage.json"
+        for name, e in EXPERIMENTS.items()
+        if e["usage"]["enabled"]
+    ]

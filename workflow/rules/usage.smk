@@ -1,35 +1,6 @@
 # Dataset usage inference (DUCI): the fraction of each candidate collection the target
 # pre-trained on, per (decoder, attack), from the attack stage's target scores and the
 # attack's TPR and FPR on the reference models.
-from mimia.usage import usage_attacks
-
-
-def usage_pairs(experiment):
-    e = EXPERIMENTS[experiment]
-    return [[d, a] for d in e["decoder"] for a in usage_attacks(e, experiment)]
-
-
-def usage_inputs(wildcards):
-    e = EXPERIMENTS[wildcards.experiment]
-    lay = Layout(RESULTS, wildcards.experiment)
-    return {
-        "errors": lay.all_errors,
-        "manifest": lay.manifest,
-        "membership": [lay.membership(m) for m in shadow_models(e["shadow"]["count"])],
-        "scores": [
-            lay.attack(d, a, "scores") for d, a in usage_pairs(wildcards.experiment)
-        ],
-    }
-
-
-def usage_outputs():
-    return [
-        f"{RESULTS}/{name}/usage.json"
-        for name, e in EXPERIMENTS.items()
-        if e["usage"]["enabled"]
-    ]
-
-
 rule usage:
     input:
         unpack(usage_inputs),
