@@ -16,6 +16,7 @@ from mimia.usage import (
     UsageEstimator,
     check_outside_adversary,
     collection_ids,
+    usage_attacks,
     usage_stage,
 )
 
@@ -204,6 +205,15 @@ def test_bad_usage_configs_fail_before_any_job(usage, message):
         resolve_experiments(_config(usage))
 
 
+def test_encodermi_is_left_out_by_default():
+    (exp,) = resolve_experiments(_config({})).values()
+    # No EncoderMI features exist for the reference models, so no TPR and FPR to measure.
+    assert sorted(usage_attacks(exp)) == sorted(
+        {"threshold", "classifier", "classifier_mlp", "lira", "lira_reference", "rmia"}
+        | {"global_threshold", "random"}
+    )
+
+
 def test_usage_needs_reference_models():
     with pytest.raises(ValueError, match=r"shadow\.count >= 2"):
         resolve_experiments(_config({}, shadow={"count": 1}))
@@ -331,7 +341,8 @@ def test_the_workflow_writes_the_usage_audit(tmp_path):
     config["experiments"] = {"tiny": {}}
     config["defaults"].update(
         decoder=["released", "adapted"],
-        attacks={"threshold": {}, "lira": {}, "encodermi_set": {}},
+        attacks={"threshold": {}, "lira": {}},
+        extract={"mask_ratios": [0.75], "num_masks": 2, "grid_samples": 2},
         usage={
             "enabled": True,
             "collections": {"f0": {"fraction": 0, "size": 20}, "all": {"role": "target_member"}},
@@ -343,7 +354,6 @@ def test_the_workflow_writes_the_usage_audit(tmp_path):
     assert run.returncode == 0, run.stderr[-5000:]
     report = json.loads((tmp_path / "results/tiny/usage.json").read_text())
     rows = report["results"]
-    # EncoderMI is left out by default: no features exist for the reference models.
     assert {(r["decoder"], r["attack"]) for r in rows} == {
         (d, a) for d in ("released", "adapted") for a in ("threshold", "lira")
     }
