@@ -36,6 +36,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/attack.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/defense.smk"
+include: "workflow/rules/usage.smk"
 
 
 # One run per results folder; cache entries this run stored are made read-only at its end.
@@ -66,3 +67,4 @@ rule all:
     default_target: True
     input:
         final_outputs(),
+        usage_outputs(),

@@ -219,6 +219,8 @@ def _stated(exp: dict) -> list[str]:
 
 def _check(exp: dict, stated: Iterable[str] = ()) -> None:
     """Cross-field checks the schema cannot express, so bad input fails before any job."""
+    from mimia.usage import check_usage
+
     if exp["split"].get("assignment"):
         # Role sizes come from the assignment: shard counts are needed to build the DAG.
         exp["split"].update(_assignment_sizes(exp["split"]["assignment"]))
@@ -231,6 +233,7 @@ def _check(exp: dict, stated: Iterable[str] = ()) -> None:
     exp["shadow"]["pretrain"] = whole_numbers("pretrain", exp["shadow"]["pretrain"])
     check_defenses(exp)
     check_privacy_budget(exp)
+    check_usage(exp)
     for section in ("pretrain", "adapt"):
         cfg = exp[section]
         if cfg["warmup_epochs"] > cfg["epochs"]:

@@ -291,6 +291,14 @@ def attack(**kwargs) -> None:
     attack_stage(**kwargs)
 
 
+def usage(**kwargs) -> None:
+    """Dataset usage inference per (decoder, attack): see :func:`mimia.usage.usage_stage`,
+    whose keyword arguments are the rule's."""
+    from mimia.usage import usage_stage
+
+    usage_stage(**kwargs)
+
+
 # -- report -------------------------------------------------------------------------------------
 def reconstructions(
     *,

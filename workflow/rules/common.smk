@@ -19,6 +19,7 @@ from mimia.config import (
     train_params,
 )
 from mimia.data.sources import source_fingerprint
+from mimia.usage import usage_attacks
 from mimia.layout import (
     ADAPTED_TARGET,
     DECODER_MODES,
@@ -247,3 +248,30 @@ def start_run():
 # and would otherwise accept another config's results as its own.
 if workflow.is_main_process:
     claim_results(record=False)
+
+
+# -- dataset usage inference --------------------------------------------------------------------
+def usage_pairs(experiment):
+    e = EXPERIMENTS[experiment]
+    return [[d, a] for d in e["decoder"] for a in usage_attacks(e, experiment)]
+
+
+def usage_inputs(wildcards):
+    e = EXPERIMENTS[wildcards.experiment]
+    lay = Layout(RESULTS, wildcards.experiment)
+    return {
+        "errors": lay.all_errors,
+        "manifest": lay.manifest,
+        "membership": [lay.membership(m) for m in shadow_models(e["shadow"]["count"])],
+        "scores": [
+            lay.attack(d, a, "scores") for d, a in usage_pairs(wildcards.experiment)
+        ],
+    }
+
+
+def usage_outputs():
+    return [
+        f"{RESULTS}/{name}/usage.json"
+        for name, e in EXPERIMENTS.items()
+        if e["usage"]["enabled"]
+    ]
