@@ -30,5 +30,6 @@ rule usage:
         usage=from_exp(lambda e, wc: e["usage"]),
         split=from_exp(lambda e, wc: e["split"]),
         seed=from_exp(lambda e, wc: e["seed"]),
+        code=code_identity("usage"),
     script:
         STAGE
