@@ -245,14 +245,14 @@ def test_digits_references_preset_sweeps_the_reference_count_offline_and_online(
     experiments = resolve_experiments(config)
     offline = {e["shadow"]["count"]: e for n, e in experiments.items() if "online" not in n}
     online = {e["shadow"]["count"]: e for n, e in experiments.items() if "online" in n}
-    assert sorted(offline) == [1, 2, 4, 8, 16] and sorted(online) == [2, 4]
+    assert sorted(offline) == [2, 4, 8] and sorted(online) == [4]
     assert not any(e["shadow"]["online"] for e in offline.values())
     assert all(e["shadow"]["online"] for e in online.values())
     assert {e["attacks"]["lira_online"]["mode"] for e in online.values()} == {"online"}
-    assert _count(jobs, "pretrain", model="shadow15") == 1  # references-16
-    assert _count(jobs, "extract", model="shadow15") == len(ROLES)
-    # shadow3: the two bases (4 each), references 4, 8, 16 and references_online 4.
-    assert _count(jobs, "pretrain", model="shadow3") == 6
+    assert _count(jobs, "pretrain", model="shadow7") == 1  # references-8
+    assert _count(jobs, "extract", model="shadow7") == len(ROLES)
+    # shadow3: the two bases (4 each), references 4 and 8, and references_online 4.
+    assert _count(jobs, "pretrain", model="shadow3") == 5
 
 
 def test_shadow_model_i_does_not_depend_on_the_number_of_shadow_models(tmp_path):
@@ -266,10 +266,10 @@ def test_shadow_model_i_does_not_depend_on_the_number_of_shadow_models(tmp_path)
     preset = yaml.safe_load((PRESETS / "digits-references.yaml").read_text())
     experiments = resolve_experiments(preset)
     two = experiments["digits-refs__references-2"]
-    sixteen = experiments["digits-refs__references-16"]
-    assert two["seed"] == sixteen["seed"] and model_spec(two) == model_spec(sixteen)
+    eight = experiments["digits-refs__references-8"]
+    assert two["seed"] == eight["seed"] and model_spec(two) == model_spec(eight)
     for model in ("shadow0", "shadow1"):
-        assert model_pretrain(two, model) == model_pretrain(sixteen, model)
+        assert model_pretrain(two, model) == model_pretrain(eight, model)
     manifest = tmp_path / "manifest.parquet"
     write_manifest(dataset=two["dataset"], split=two["split"], seed=two["seed"], manifest=manifest)
     tables = {}
