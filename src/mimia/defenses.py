@@ -300,15 +300,9 @@ def train_dp(
     from torch.utils.data import TensorDataset
     from tqdm import tqdm
 
+    from mimia.devices import resolve_device
     from mimia.masking import random_masks
-    from mimia.pretrain import (
-        _augment,
-        lr_at,
-        param_groups,
-        read_resume,
-        resolve_device,
-        save_resume,
-    )
+    from mimia.pretrain import _augment, lr_at, param_groups, read_resume, save_resume
 
     if cfg.accum_iter != 1:
         raise ValueError(f"DP training needs accum_iter 1, got {cfg.accum_iter}")

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mimia.devices import process_group_backend, resolve_device
+
 # How long a rank waits for the others at a collective before the run fails.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
@@ -75,8 +77,6 @@ def launch(
 
     Arguments as ``train_mim``'s. Returns rank 0's history (losses averaged over ranks).
     """
-    from mimia.pretrain import resolve_device
-
     size = cfg.devices
     device = resolve_device(cfg.device)
     if device.type == "cuda" and torch.cuda.device_count() < size:
@@ -164,7 +164,7 @@ def _exit_with_parent(parent: int) -> None:
 
 def _worker(payload_path: str, result_path: str) -> None:
     from mimia.models import ModelSpec, build_model
-    from mimia.pretrain import TrainConfig, resolve_device, train_mim
+    from mimia.pretrain import TrainConfig, train_mim
 
     if "MIMIA_PARENT_PID" in os.environ:
         _exit_with_parent(int(os.environ["MIMIA_PARENT_PID"]))
@@ -175,7 +175,7 @@ def _worker(payload_path: str, result_path: str) -> None:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(process_group_backend(device), timeout=COLLECTIVE_TIMEOUT)
     try:
         model = build_model(ModelSpec.from_dict(job["spec"]))
         model.load_state_dict(job["state"])

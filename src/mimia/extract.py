@@ -7,7 +7,6 @@ the number of images.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mimia.data.shards import shard_dataset
+from mimia.devices import autocast
 from mimia.masking import deterministic_masks
 from mimia.models.base import MIMModel
 from mimia.storage import atomic_path
@@ -66,8 +66,13 @@ def score_batch(
     seed: int,
     mask_ratio: float,
     num_masks: int,
+    precision: str = "auto",
 ) -> dict[str, torch.Tensor]:
-    """Errors ``[B, K]`` of uint8 ``imgs`` under the K deterministic masks of each sample."""
+    """Errors ``[B, K]`` of uint8 ``imgs`` under the K deterministic masks of each sample.
+
+    ``precision`` (``mimia.devices.PRECISIONS``): the default runs the model under bf16
+    autocast on CUDA and in float32 elsewhere; the errors are computed in float32 either way.
+    """
     spec = model.spec
     device = next(model.parameters()).device
     masks = deterministic_masks(
@@ -77,12 +82,7 @@ def score_batch(
     x = model.normalize(imgs.to(device, non_blocking=True).float().div_(255))
     x = x.repeat_interleave(k, dim=0)
     flat_mask = masks.reshape(b * k, -1)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    with autocast:
+    with autocast(device, precision):
         pred = model.decode(model.encode(x, flat_mask), flat_mask)
     errors = model.patch_errors(x, pred.float())
     n_masked = int(flat_mask[0].sum())

@@ -23,16 +23,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mimia import distributed
+from mimia import devices, distributed
 from mimia.masking import random_masks
 from mimia.models.base import MIMModel
+
+RUNTIME_KNOBS = ("device", "compile", "precision")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run's settings: a ``pretrain``/``adapt`` config section (whose defaults
     live in the experiment schema, see :meth:`from_section`) plus the seed and the runtime
-    knobs ``device`` and ``compile``, which change how it runs, not what it computes."""
+    knobs ``device``, ``compile`` and ``precision``, which change how it runs, not what it
+    computes (beyond float rounding)."""
 
     epochs: int
     batch_size: int
@@ -50,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    precision: str = "auto"  # devices.PRECISIONS: bf16 autocast on CUDA by default
 
     @classmethod
     def from_section(
@@ -71,13 +75,7 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """What the trained weights depend on (a resume file must match it): not the device."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return repr({k: v for k, v in fields.items() if k not in ("device", "compile")})
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return repr({k: v for k, v in fields.items() if k not in RUNTIME_KNOBS})
 
 
 def lr_at(epoch_progress: float, cfg: TrainConfig) -> float:
@@ -153,7 +151,7 @@ def train_mim(
         )
     if world_size != cfg.devices:
         raise ValueError(f"devices={cfg.devices} but this process group has {world_size} processes")
-    device = distributed.local_device(resolve_device(cfg.device))
+    device = distributed.local_device(devices.resolve_device(cfg.device))
     model.to(device).train()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -178,11 +176,7 @@ def train_mim(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     forward = torch.compile(forward) if cfg.compile else forward
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    autocast = devices.autocast(device, cfg.precision)
     n, bs = images.shape[0], cfg.batch_size
     global_bs = bs * world_size
     steps = max(n // global_bs, 1)  # drop_last, as MAE's loader

@@ -265,8 +265,8 @@ def extract(
 ) -> None:
     """Reconstruction errors of one shard under the K masks of every mask ratio, for the
     scoring model (``checkpoint``'s encoder with the decoder ``decoder`` names)."""
+    from mimia.devices import resolve_device
     from mimia.extract import extract_shard, scoring_model
-    from mimia.pretrain import resolve_device
     from mimia.provenance import file_sha256, provenance, read_metadata
 
     if model != TARGET and decoder != REFERENCE_DECODER:

@@ -4,7 +4,13 @@ import re
 from pathlib import Path
 
 from mimia.attacks import requires_embeddings
-from mimia.config import attack_kind, model_spec, resolve_experiments, section
+from mimia.config import (
+    attack_kind,
+    check_runtime_devices,
+    model_spec,
+    resolve_experiments,
+    section,
+)
 from mimia.data.sources import source_fingerprint
 from mimia.defenses import describe, model_pretrain
 from mimia.layout import (
@@ -21,6 +27,10 @@ EXPERIMENTS = resolve_experiments(
     config, Path(workflow.basedir) / "workflow" / "schemas"
 )
 RESULTS = config["results"]
+# Jobs run here (not on a cluster's nodes): runtime.device cuda must find a GPU on this machine.
+check_runtime_devices(
+    EXPERIMENTS, config["gpu"], local=workflow.local_exec and workflow.is_main_process
+)
 EXP = f"{RESULTS}/{{experiment}}"
 LOGS = f"{RESULTS}/logs/{{experiment}}"
 BENCH = f"{RESULTS}/benchmarks/{{experiment}}"
