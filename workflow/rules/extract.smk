@@ -20,7 +20,9 @@ rule extract:
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=config["gpu"],
+        gpu=gpu_resource("gpu"),
+        gpu_shard=gpu_resource("gpu_shard"),
+        gres=gpu_resource("gres"),
     params:
         model="{model}",
         decoder="{decoder}",
@@ -71,7 +73,9 @@ rule embed:
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=config["gpu"],
+        gpu=gpu_resource("gpu"),
+        gpu_shard=gpu_resource("gpu_shard"),
+        gres=gpu_resource("gres"),
     params:
         model="{model}",
         seed=from_exp(lambda e, wc: e["seed"]),
