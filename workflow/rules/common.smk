@@ -198,7 +198,8 @@ if workflow.is_main_process and workflow.local_exec:
 def gpu_resource(name, processes=lambda wc: 1):
     """Resource ``name`` (gpu, gpu_shard, gres) of a GPU job of ``processes(wc)`` processes:
     see :func:`mimia.config.gpu_request`."""
-    return lambda wc: gpu_request(config["gpu"], config["gpu_share"], processes(wc))[name]
+    share = config["gpu_share"]
+    return lambda wc: gpu_request(config["gpu"], share, processes(wc))[name]
 
 
 # -- defenses and utility -----------------------------------------------------------------------
