@@ -365,7 +365,9 @@ def section_extract(args, sizes: Sizes, device, out: dict) -> list[str]:
 def section_extract_bench(args, sizes: Sizes, device, out: dict) -> list[str]:
     cmd = [sys.executable, str(BENCH / "extract.py"), "--device", device.type]
     cmd += list(sizes.extract_bench_args)
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    src = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": src}  # bench/extract.py imports mimia from src/ too
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     out["command"] = " ".join(cmd[1:])
     out["stdout_tail"] = run.stdout[-3000:]
     if run.returncode:

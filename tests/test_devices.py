@@ -130,7 +130,7 @@ def test_workflow_with_cuda_and_no_gpu_stops_at_the_dag(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--cores", "1"]
     cmd += ["--directory", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert run.returncode != 0
     assert "experiment 'e': runtime.device is 'cuda' but this machine has no usable" in run.stderr
     assert not (tmp_path / "results").exists()  # no job ran

@@ -41,7 +41,7 @@ def _dry_run(tmp_path, config: dict, *args: str) -> subprocess.CompletedProcess:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--dry-run"]
     cmd += ["--directory", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=900)
 
 
 def _resources(stdout: str) -> dict[str, set[tuple]]:
