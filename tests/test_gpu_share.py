@@ -145,7 +145,8 @@ def test_slurm_submissions_ask_for_a_shard_or_whole_gpus(tmp_path):
     run = _dry_run(tmp_path, CONFIG, *profile)
     assert run.returncode == 0, run.stderr[-3000:]
     sbatch = {}
-    for block in run.stdout.split("\nrule ")[1:]:
+    # (a group's jobs are printed indented under it)
+    for block in re.split(r"\n\s*rule ", run.stdout)[1:]:
         rule = block.split(":", 1)[0]
         line = re.search(r"resources: (.*)", block).group(1)
         res = dict(item.split("=", 1) for item in line.split(", "))
