@@ -24,7 +24,9 @@ if not workflow.config_settings.configfiles:
     configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+from mimia.schema import SCHEMA_DIR
+
+validate(config, str(SCHEMA_DIR / "config.schema.yaml"))
 
 
 include: "workflow/rules/common.smk"
@@ -34,6 +36,20 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/attack.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/defense.smk"
+include: "workflow/rules/usage.smk"
+
+
+# One run per results folder; cache entries this run stored are made read-only at its end.
+onstart:
+    start_run()
+
+
+onsuccess:
+    seal_links(RESULTS)
+
+
+onerror:
+    seal_links(RESULTS)
 
 
 # Quick bookkeeping and plotting jobs run where Snakemake runs, never as cluster submissions:
@@ -51,3 +67,4 @@ rule all:
     default_target: True
     input:
         final_outputs(),
+        usage_outputs(),

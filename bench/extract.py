@@ -11,8 +11,8 @@ weights in both implementations), with the same batch size, thread count, images
    with PIL in the main process (no workers), one forward per mask over the batch (the same
    masks, passed as ``noise``), per-sample loss recomputed from logits and mask, results
    written once at the end.
-3. ``ceiling`` - :func:`mimia.extract.score_batch` on images already decoded and on the device:
-   the model alone, no data loading, no output.
+3. ``ceiling`` - :func:`mimia.models.scoring.score_batch` on images already decoded and on the
+   device: the model alone, no data loading, no output.
 
 Paths run interleaved shard by shard (their order rotating), so load from other processes
 hits all three alike. Throughput is (images x masks) per second. Peak RSS of the mimia path
@@ -195,12 +195,14 @@ def run_mimia(model, shard: Path, out: Path, args, timers: dict[str, Timed]) -> 
     """extract_shard as the workflow runs it.
 
     ``score_batch`` and the mask computation inside it are timed by swapping timing wrappers
-    into ``mimia.extract``'s namespace for the call; what they run is unchanged.
+    into ``mimia.extract``'s and ``mimia.models.scoring``'s namespaces for the call; what they
+    run is unchanged.
     """
     import mimia.extract as ex
+    import mimia.models.scoring as scoring
 
-    original = ex.score_batch, ex.deterministic_masks
-    ex.score_batch, ex.deterministic_masks = timers["score_batch"], timers["masks"]
+    original = ex.score_batch, scoring.deterministic_masks
+    ex.score_batch, scoring.deterministic_masks = timers["score_batch"], timers["masks"]
     try:
         t0 = time.perf_counter()
         rows = ex.extract_shard(
@@ -218,14 +220,14 @@ def run_mimia(model, shard: Path, out: Path, args, timers: dict[str, Timed]) -> 
         _sync(args.device)
         return time.perf_counter() - t0, rows
     finally:
-        ex.score_batch, ex.deterministic_masks = original
+        ex.score_batch, scoring.deterministic_masks = original
 
 
 def preload(shard: Path, batch: int, device: torch.device):
     """The shard decoded into batches of uint8 images already on the device (not timed)."""
-    from mimia.data.shards import iter_shards
+    from mimia.data.shards import shard_dataset
 
-    items = list(iter_shards([shard]))
+    items = list(shard_dataset([shard]))
     batches = []
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
@@ -246,7 +248,7 @@ def run_loader(shards: list[Path], args) -> float:
 
 
 def run_ceiling(model, batches, args) -> float:
-    from mimia.extract import score_batch
+    from mimia.models.scoring import score_batch
 
     t0 = time.perf_counter()
     for ids, imgs in batches:
@@ -356,8 +358,9 @@ def rss_child(args) -> None:
     """
     import threading
 
-    from mimia.extract import extract_shard, score_batch
+    from mimia.extract import extract_shard
     from mimia.models.mae import MAE
+    from mimia.models.scoring import score_batch
     from mimia.models.spec import ModelSpec
 
     torch.set_num_threads(args.threads)
@@ -534,8 +537,8 @@ def measure(args, tmp: Path) -> dict:
     """Everything timed, in one temporary folder: the three paths, the loader, the RSS."""
     import pyarrow.parquet as pq
 
-    from mimia.extract import score_batch
     from mimia.masking import deterministic_masks
+    from mimia.models.scoring import score_batch
 
     device, n, k, b = args.device, args.images, args.masks, args.batch
     busy0, own0, wall0 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()

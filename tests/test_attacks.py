@@ -557,6 +557,32 @@ def test_encodermi_variants():
         EncoderMI().fit(Observations(["a", "b"], np.ones((2, 1, 1)), (0.5,)), [1, 0])
 
 
+def similarity_sets(member: float, nonmember: float, noise: float, seed: int):
+    """100 members and 100 non-members whose 10 view similarities centre on the two values."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(200) < 100
+    base = np.where(labels, member, nonmember)
+    sim = np.clip(base[:, None] + rng.normal(0, noise, (200, 10)), -1, 1)
+    return Observations(np.array([f"v{i}" for i in range(200)]), similarities=sim), labels
+
+
+@pytest.mark.parametrize("variant", ["vector", "set"])
+def test_encodermi_ranks_by_log_odds_where_probabilities_saturate(variant):
+    """The audited encoder's views agree far more than the shadow's (it is more overfit): the
+    shadow-fitted logistic regression gives every audited sample probability 1.0, yet its
+    log-odds still order members above non-members."""
+    shadow, y_shadow = similarity_sets(0.62, 0.58, 0.005, seed=0)
+    audit, y = similarity_sets(0.97, 0.93, 0.005, seed=1)
+    attack = EncoderMI(variant=variant).fit(shadow, y_shadow)
+    features = attack._features(audit.similarities)
+    assert (attack.pipeline_.predict_proba(features)[:, 1] == 1.0).all()
+    scores = attack.score_samples(audit)
+    np.testing.assert_allclose(scores, attack.pipeline_.decision_function(features))
+    assert len(np.unique(scores)) == 200
+    assert auc(y, scores) == 1.0
+    assert tpr_at_fpr(y, scores, 0.01) == 1.0
+
+
 def test_encodermi_from_the_embeddings_table():
     world = make_world(seed=4, n=80)
     data = build_inputs(

@@ -130,7 +130,7 @@ def test_official_mae_round_trip(mae, tiny_spec, tmp_path, capsys):
     model2, info2 = import_checkpoint(path, "mae", spec=tiny_spec)
     _same_state(mae, model2)
     assert info2["sha256"] == info["sha256"] and info2["source"] == str(path)
-    assert info2["spec_sources"]["num_heads"] == "given (config)"
+    assert info2["spec_sources"]["num_heads"] == "given (spec)"
     with pytest.raises(TypeError, match="either spec or num_heads"):
         import_checkpoint(path, "mae", spec=tiny_spec, num_heads=2)
 

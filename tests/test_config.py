@@ -10,9 +10,9 @@ from mimia.config import (
     deep_merge,
     model_spec,
     resolve_experiments,
-    schema_defaults,
 )
-from mimia.pretrain import TrainConfig
+from mimia.schema import schema_defaults
+from mimia.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,14 +2,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mimia.data.shards import iter_shards, load_images, write_tar_shard
+from mimia.data.shards import load_images, shard_dataset, write_tar_shard
 from mimia.data.sources import load_source
 from mimia.data.splits import (
     ROLES,
     manifest_hash,
     shadow_membership,
     split_roles,
-    training_ids,
 )
 
 SIZES = {"target_member": 50, "target_nonmember": 40, "shadow_member": 30, "shadow_nonmember": 20}
@@ -66,16 +65,17 @@ def test_shadow_membership_halves_the_adversary_pool(draw):
     manifest = draw(SIZES, 0)
     m = shadow_membership(manifest, 3, seed=0)
     pool = set(manifest.filter(pl.col("role").str.starts_with("shadow"))["sample_id"])
-    assert training_ids("shadow0", manifest, m) == set(
+
+    def trains_on(model):
+        return set(m.filter((pl.col("model") == model) & pl.col("is_in"))["sample_id"])
+
+    assert trains_on("shadow0") == set(
         manifest.filter(pl.col("role") == "shadow_member")["sample_id"]
     )
     for model in ("shadow1", "shadow2"):
-        ids = training_ids(model, manifest, m)
+        ids = trains_on(model)
         assert ids <= pool and len(ids) == len(pool) // 2
-    assert training_ids("shadow1", manifest, m) != training_ids("shadow2", manifest, m)
-    assert training_ids("target", manifest, m) == set(
-        manifest.filter(pl.col("role") == "target_member")["sample_id"]
-    )
+    assert trains_on("shadow1") != trains_on("shadow2")
     online = shadow_membership(manifest, 2, seed=0, include_targets=True)
     assert online.filter(pl.col("model") == "shadow1").height == manifest.height
 
@@ -85,7 +85,7 @@ def test_shard_round_trip(digits, draw, tmp_path):
     rows = manifest.filter(pl.col("role") == "shadow_nonmember").sort("sample_id")
     path = tmp_path / "shadow_nonmember-000000.tar"
     write_tar_shard(rows, digits, 16, path)
-    samples = list(iter_shards([path]))
+    samples = list(shard_dataset([path]))
     assert [s[0] for s in samples] == rows["sample_id"].to_list()
     assert {s[2] for s in samples} == {"shadow_nonmember"}
     first = samples[0][1]
@@ -224,7 +224,7 @@ def test_stage_api_writes_membership_and_reproducible_shards(digits, tmp_path):
         )
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
     rows = manifest.filter(pl.col("role") == "target_member").sort("sample_id")[20:40]
-    samples = list(iter_shards([tmp_path / "a.tar"]))
+    samples = list(shard_dataset([tmp_path / "a.tar"]))
     assert [s[0] for s in samples] == rows["sample_id"].to_list()
     for (_, img, role), i in zip(samples, rows["source_index"], strict=True):
         assert role == "target_member"
@@ -271,12 +271,13 @@ def test_source_fingerprint_follows_the_listing(tmp_path):
     seen.add(source_fingerprint(folder))
     _png(root / "c0" / "2.png", 7, size=9)  # replaced (other size)
     seen.add(source_fingerprint(folder))
+    before = source_fingerprint(folder)
     st = (root / "c0" / "4.png").stat()
     os.utime(root / "c0" / "4.png", ns=(st.st_atime_ns, st.st_mtime_ns + 1000))  # touched
-    seen.add(source_fingerprint(folder))
-    assert len(seen) == 5
+    assert source_fingerprint(folder) == before  # same bytes: unchanged
+    assert len(seen) == 4
     # torchvision: the files of the dataset's own folder under path.
-    tv = {"name": "cifar10", "path": str(tmp_path / "tv")}
+    tv = {"name": "cifar10", "path": str(tmp_path / "tv"), "download": True}
     absent = source_fingerprint(tv)
     (tmp_path / "tv" / "cifar-10-batches-py").mkdir(parents=True)
     (tmp_path / "tv" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"a" * 10)

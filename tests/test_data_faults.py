@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from mimia.data.prepare import write_manifest, write_shard
-from mimia.data.shards import iter_shards
+from mimia.data.shards import shard_dataset
 from mimia.data.sources import ImageDecodeError, load_source, source_fingerprint
 from mimia.data.splits import ROLES
 from mimia.provenance import read_metadata
@@ -92,7 +92,7 @@ def test_folder_changed_between_split_and_shard_fails_the_shard(tmp_path):
             continue
         assert err is None
         rows = df.filter(pl.col("role") == role).sort("sample_id")
-        samples = list(iter_shards([tmp_path / f"{role}.tar"]))
+        samples = list(shard_dataset([tmp_path / f"{role}.tar"]))
         for (sample_id, img, _), key in zip(samples, rows["key"], strict=True):
             np.testing.assert_array_equal(img.permute(1, 2, 0).numpy(), original[key])
             seen[hashlib.sha256(img.numpy().tobytes()).hexdigest()] = sample_id

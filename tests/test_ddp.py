@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mimia.models import build_model
-from mimia.pretrain import TrainConfig, train_mim
+from mimia.training import TrainConfig, train_mim
 
 # Global batch 8: one process with batch 8, or two with 4 each. accum_iter 2 exercises the
 # micro-steps whose gradients are not yet averaged over ranks.
@@ -68,7 +68,7 @@ def test_more_processes_than_images_is_a_clear_error(tiny_spec):
 KILL_SCRIPT = """
 import sys, json, torch
 from mimia.models import ModelSpec, build_model
-from mimia.pretrain import TrainConfig, train_mim
+from mimia.training import TrainConfig, train_mim
 torch.set_num_threads(1)
 spec = ModelSpec.from_dict(json.loads(sys.argv[1]))
 torch.manual_seed(0)
@@ -95,7 +95,7 @@ def _ranks_of(marker: Path) -> list[int]:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "mimia.distributed" in cmd and str(marker) in cmd:
+        if "mimia.training.worker" in cmd and str(marker) in cmd:
             pids.append(int(proc.name))
     return pids
 

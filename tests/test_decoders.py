@@ -5,9 +5,9 @@ import torch
 from mimia.data.shards import write_tar_shard
 from mimia.data.sources import load_source
 from mimia.data.splits import ROLES, manifest_hash, split_roles
-from mimia.decoders import attach_decoder
 from mimia.models import build_model
 from mimia.models.checkpoint import load_model, save_model
+from mimia.models.scoring import attach_decoder
 from mimia.provenance import write_parquet
 from mimia.stages import adapt_decoder as adapt_decoder_stage
 

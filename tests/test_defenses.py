@@ -14,18 +14,18 @@ import pytest
 import torch
 import yaml
 
-from mimia.config import resolve_experiments
-from mimia.defenses import (
-    PerSampleGradients,
-    heldout_loss,
-    holdout_split,
-    model_pretrain,
-    train_dp,
-    train_early_stopped,
-)
+from mimia.config import model_pretrain, resolve_experiments
 from mimia.masking import random_masks
 from mimia.models import build_model
-from mimia.pretrain import TrainConfig, train_mim
+from mimia.training import (
+    PerSampleGradients,
+    TrainConfig,
+    heldout_loss,
+    holdout_split,
+    train_dp,
+    train_early_stopped,
+    train_mim,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DP = {"max_grad_norm": 1.0, "delta": 1e-5, "accountant": "rdp"}
@@ -300,34 +300,7 @@ def test_the_defenses_example_resolves_and_dry_runs(tmp_path):
     assert jobs["privacy_audit"] == jobs["utility"] == len(experiments)
 
 
-TINY_DP = {
-    "defaults": {
-        "seed": 1,
-        "dataset": {"name": "digits", "img_size": 16},
-        "split": {
-            "target_member": 40,
-            "target_nonmember": 40,
-            "shadow_member": 40,
-            "shadow_nonmember": 40,
-            "shard_size": 40,
-        },
-        "model": {
-            "encoder_overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2},
-            "decoder_embed_dim": 32,
-            "decoder_depth": 1,
-            "decoder_num_heads": 2,
-        },
-        "pretrain": {"epochs": 2, "batch_size": 20, "warmup_epochs": 1, "blr": 1e-2},
-        "shadow": {"count": 2, "knows_defense": False},
-        "decoder": ["released"],
-        "extract": {"mask_ratios": [0.75], "num_masks": 2, "grid_samples": 1},
-        "attacks": {"threshold": {}, "lira": {}},
-        "metrics": {"n_bootstrap": 20},
-        "runtime": {"batch_size": 40, "num_workers": 0},
-        "audit": {"enabled": True},
-    },
-    "experiments": {"tiny-dp": {"pretrain": {"dp": {"target_epsilon": 4.0}}}},
-}
+TINY_DP = yaml.safe_load((ROOT / ".test" / "config" / "defenses.yaml").read_text())
 
 
 @pytest.mark.slow
@@ -358,3 +331,108 @@ def test_dp_pretraining_runs_through_the_workflow_with_its_epsilon_recorded(tmp_
     assert 0.0 <= table["linear_probe_accuracy"][0] <= 1.0
     assert (results / "privacy_utility.png").read_bytes()[:4] == b"\x89PNG"
     assert "tiny-dp" in (results / "summary_privacy_utility.md").read_text()
+
+
+def test_dp_without_noise_or_clipping_gives_the_plain_engines_weights(tiny_spec):
+    """The engines differ only where they say: DP-SGD's backward step with noise 0 and a
+    clipping bound no gradient reaches, on the plain engine's batches and masks, is the
+    plain engine's step (up to float rounding of the per-sample sum)."""
+    from mimia.training import fit
+    from mimia.training.dp import DPSGD
+    from mimia.training.engines import Plain
+
+    class ShuffledDPSGD(DPSGD):
+        """DP-SGD's step on the plain engine's batches and generator layout."""
+
+        def prepare(self, model, images, cfg):
+            super().prepare(model, images, cfg)
+            self.order = Plain()
+            self.order.prepare(model, images, cfg)
+            self.steps = self.order.steps
+
+        @property
+        def mask_generator(self):
+            return self.order.mask_generator
+
+        def batches(self):
+            return self.order.batches()
+
+    cfg = _cfg(epochs=3, augment=True)
+    torch.manual_seed(0)
+    plain = build_model(tiny_spec)
+    init = copy.deepcopy(plain)
+    plain_history = fit(plain, _images(), cfg, Plain())
+    private = copy.deepcopy(init)
+    dp = DP | {"noise_multiplier": 0.0, "max_grad_norm": 1e12}
+    dp_history = fit(private, _images(), cfg, ShuffledDPSGD(dp))
+    assert [h["loss"] for h in dp_history] == pytest.approx(
+        [h["loss"] for h in plain_history], rel=1e-5
+    )
+    # As in the DDP test: attention key biases get gradients of pure rounding noise, which
+    # Adam scales up to lr-sized steps, hence an absolute tolerance near the learning rate.
+    for (name, a), b in zip(plain.state_dict().items(), private.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=name)
+    # Far tighter than what separates DP-SGD with a clipping bound the gradients do reach.
+    clipped = copy.deepcopy(init)
+    fit(clipped, _images(), cfg, ShuffledDPSGD(dp | {"max_grad_norm": 1e-3}))
+    gap = max((a - b).abs().max().item() for a, b in zip(
+        plain.state_dict().values(), clipped.state_dict().values(), strict=True))  # fmt: skip
+    assert gap > 1e-3
+
+
+def test_a_killed_early_stopped_run_resumed_with_other_settings_trains_its_own_epochs(
+    tiny_spec, tmp_path
+):
+    """The final run's resume file names the early-stopping settings and the chosen epoch: a
+    run killed before its weights were saved, resumed with other settings (here a min_delta
+    no improvement reaches: the first check's epoch wins), must not continue the other run's
+    file."""
+    images = _images(48)
+    ids = [f"s{i:03d}" for i in range(48)]
+    cfg = _cfg(epochs=8, checkpoint_every=1)
+    base = {"holdout": 0.25, "every": 1, "num_masks": 2}
+    settings = {
+        "patient": base | {"patience": 8, "min_delta": 0.0},
+        "strict": base | {"patience": 1, "min_delta": 1e9},
+    }
+    resume = tmp_path / "resume.pt"
+    records = {}
+    for name, early in settings.items():
+        torch.manual_seed(0)
+        model = build_model(tiny_spec)
+        history, records[name] = train_early_stopped(model, images, ids, cfg, early, resume, "f")
+        # The final run's resume file stays, as after a kill before the weights were saved.
+        assert resume.exists()
+        assert len(history) == records[name]["best_epoch"] + 1, name
+    assert records["strict"]["best_epoch"] == 0 < records["patient"]["best_epoch"]
+
+
+@pytest.mark.parametrize(
+    "experiment, message",
+    [
+        # DP-SGD runs one process: devices 2 would double the lr and reserve 2 GPUs for nothing.
+        (
+            {"pretrain": {"dp": {"noise_multiplier": 1.0}, "devices": 2, "batch_size": 64}},
+            r"pretrain.dp trains in one process, so devices must be 1 \(got 2\)",
+        ),
+        # 400 images in the smallest role, 100 held out: 300 left, under one global batch of
+        # 2 x 200 although above batch_size 200.
+        (
+            {"pretrain": {"early_stopping": {"holdout": 0.25}, "batch_size": 200, "devices": 2}},
+            "leaves 300 training images, fewer than batch_size=200 x devices=2",
+        ),
+    ],
+)
+def test_defense_settings_follow_the_processes_that_run(experiment, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_experiments(_config(**experiment))
+
+
+def test_a_naive_adversarys_shadow_models_may_use_several_processes_beside_a_dp_target():
+    experiment = {
+        "shadow": {"knows_defense": False, "pretrain": {"devices": 2}},
+        "pretrain": {"dp": {"noise_multiplier": 1.0}, "batch_size": 64},
+    }
+    resolved = resolve_experiments(_config(**experiment))["e"]
+    assert model_pretrain(resolved, "shadow0")["devices"] == 2
+    assert model_pretrain(resolved, "target")["devices"] == 1

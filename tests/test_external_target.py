@@ -222,7 +222,8 @@ def test_workflow_imports_instead_of_training_the_target(tmp_path):
     config = {
         "defaults": {
             "dataset": {"name": "digits", "img_size": 16},
-            "model": MODEL,
+            # A timm file records neither heads nor LayerNorm eps: the config states both.
+            "model": {**MODEL, "norm_eps": 1e-6},
             "shadow": {"count": 1},
             "decoder": ["shadow", "adapted"],
         },

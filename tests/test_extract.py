@@ -1,15 +1,16 @@
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-import mimia
 from mimia.data.shards import write_tar_shard
 from mimia.data.sources import load_source
 from mimia.data.splits import split_roles
-from mimia.extract import ERROR_SCHEMA, extract_shard, score_batch
+from mimia.extract import ERROR_SCHEMA, extract_shard
 from mimia.masking import deterministic_masks
 from mimia.models import build_model
+from mimia.models.scoring import score_batch
 from mimia.provenance import read_metadata
 
 
@@ -57,14 +58,13 @@ def test_error_table_schema_values_and_metadata(tiny_spec, shard, tmp_path):
     assert (df["patch_error_median"] <= df["patch_error_max"]).all()
     # The masked-patch error is the model's own loss under the same mask.
     row = df.filter((pl.col("mask_index") == 2) & (pl.col("mask_ratio") == 0.75)).row(0, named=True)
-    from mimia.data.shards import iter_shards
+    from mimia.data.shards import shard_dataset
 
-    img = next(img for sid, img, _ in iter_shards([shard]) if sid == row["sample_id"])
+    img = next(img for sid, img, _ in shard_dataset([shard]) if sid == row["sample_id"])
     mask = deterministic_masks(5, [row["sample_id"]], 0.75, [2], 4)[:, 0]
     with torch.inference_mode():
         loss, _ = model(img[None].float() / 255, mask)
     assert row["error"] == pytest.approx(loss.item(), rel=1e-5)
-    assert mimia.__version__
 
 
 def test_masks_identical_across_models_batches_and_runs(tiny_spec, shard, tmp_path):
@@ -111,3 +111,43 @@ def test_augmented_views_are_keyed_and_similarities_bounded(tiny_spec):
     sims = view_similarities(build_model(tiny_spec).eval(), v1)
     assert sims.shape == (3, 6)
     assert (sims <= 1 + 1e-5).all() and (sims >= -1 - 1e-5).all()
+
+
+def test_embed_stage_computes_on_the_runtime_device(tiny_spec, shard, tmp_path):
+    """The embed rule reserves a GPU, so the stage must compute on runtime.device: on CUDA
+    it does (and agrees with the CPU), without CUDA asking for it is an error, not a silent
+    CPU run."""
+    from mimia.models.checkpoint import save_model
+    from mimia.provenance import write_parquet
+    from mimia.stages import embed
+
+    torch.manual_seed(0)
+    save_model(build_model(tiny_spec).eval(), tmp_path / "model.safetensors")
+    manifest = tmp_path / "manifest.parquet"
+    write_parquet(pl.DataFrame({"sample_id": ["a"]}), manifest, {"manifest_sha256": "abc"})
+
+    def run(device):
+        out = tmp_path / f"embeddings-{device}.parquet"
+        embed(
+            checkpoint=tmp_path / "model.safetensors",
+            shards=[shard],
+            manifest=manifest,
+            embeddings=out,
+            model="target",
+            seed=3,
+            num_views=3,
+            runtime={"device": device, "batch_size": 8},
+        )
+        return np.array(pl.read_parquet(out)["similarities"].to_list())
+
+    on_cpu = run("cpu")
+    assert on_cpu.shape == (24, 3)
+    if not torch.cuda.is_available():
+        with pytest.raises((RuntimeError, AssertionError), match=r"CUDA|NVIDIA"):
+            run("cuda")
+        return
+    torch.cuda.reset_peak_memory_stats()
+    on_gpu = run("cuda")
+    assert torch.cuda.max_memory_allocated() > 0
+    # cuDNN may run the patch embedding in TF32: agreement to 1e-3, not to the last bit
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-3)

@@ -2,6 +2,7 @@
 
 import errno
 import gc
+import json
 import os
 import random
 import shutil
@@ -21,9 +22,9 @@ from mimia.data.splits import split_roles
 from mimia.extract import extract_shard
 from mimia.models import build_model
 from mimia.models.checkpoint import load_model, read_weights, save_model
-from mimia.pretrain import TrainConfig, train_mim
 from mimia.provenance import write_parquet
 from mimia.storage import NoSpaceError, atomic_path
+from mimia.training import TrainConfig, train_mim
 
 CFG = TrainConfig.from_section(
     {"epochs": 3, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 1, "checkpoint_every": 1}, seed=1
@@ -82,6 +83,7 @@ def _assert_no_space(err, final: Path) -> None:
     msg = str(err.value)
     assert isinstance(err.value, OSError) and err.value.errno == errno.ENOSPC
     assert msg.startswith(f"no space left on device while writing {final} (")
+    assert msg.count(final.name) == 1  # not again as the temp file's name
     assert not final.exists()
     assert _leftovers(final.parent) == []
 
@@ -93,7 +95,9 @@ def test_atomic_path_on_a_full_disk_keeps_the_old_file(full_disk):
     assert final.read_bytes() == b""
     with pytest.raises(NoSpaceError) as err, atomic_path(final) as tmp:
         tmp.write_bytes(b"x" * 100_000)
-    assert f"while writing {final} (No space left on device" in str(err.value)
+    assert (
+        str(err.value) == f"no space left on device while writing {final} (No space left on device)"
+    )
     assert final.read_bytes() == b""  # the previous version is untouched
     assert _leftovers(full_disk) == []
 
@@ -122,6 +126,40 @@ def test_write_parquet_on_a_full_disk(full_disk):
     table = pa.table({"x": np.random.default_rng(0).random(300_000)})
     with pytest.raises(NoSpaceError) as err:
         write_parquet(table, final, {"seed": "0"})
+    _assert_no_space(err, final)
+
+
+def test_experiment_metrics_and_figures_on_a_full_disk(tmp_path, full_disk):
+    """metrics.json, the summary tables and every figure are written atomically."""
+    from mimia.metrics import evaluate, roc_frame
+    from mimia.report.figures import roc_figure
+    from mimia.report.tables import experiment_metrics, summary
+
+    labels = np.r_[np.ones(50, bool), np.zeros(50, bool)]
+    scores = np.random.default_rng(0).normal(size=100) + labels
+    record = {"decoder": "shadow", "attack": "lira", **evaluate(labels, scores, n_bootstrap=10)}
+    record["manifest_sha256"] = "f" * 64
+    # big enough that a half-written file would hit the full disk (not just the empty file)
+    record["padding"] = ["x" * 100] * 2000
+    (tmp_path / "lira.json").write_text(json.dumps(record))
+    final = full_disk / "metrics.json"
+    with pytest.raises(NoSpaceError) as err:
+        experiment_metrics("base", 0, None, [tmp_path / "lira.json"], final, tmp_path / "m.pq")
+    _assert_no_space(err, final)
+    experiment_metrics(
+        "base", 0, None, [tmp_path / "lira.json"], tmp_path / "m.json", tmp_path / "m.pq"
+    )
+    for name in ("summary.csv", "summary.md"):
+        outs = {"summary.csv": tmp_path / "s.csv", "summary.md": tmp_path / "s.md"}
+        outs[name] = full_disk / name
+        with pytest.raises(NoSpaceError) as err:
+            summary([tmp_path / "m.pq"], tmp_path / "s.pq", outs["summary.csv"], outs["summary.md"])
+        _assert_no_space(err, full_disk / name)
+    final = full_disk / "roc.png"
+    with pytest.raises(NoSpaceError) as err:
+        roc_figure(
+            {("shadow", "lira"): roc_frame(labels, scores)}, {("shadow", "lira"): 0.7}, final
+        )
     _assert_no_space(err, final)
 
 

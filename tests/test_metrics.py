@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import polars as pl
@@ -155,14 +154,11 @@ def test_bootstrap_matches_a_naive_loop():
             assert boot[f"tpr_at_fpr_{f:g}"][b] == pytest.approx(tpr_at_fpr(y, s, f), abs=1e-12)
 
 
-def test_evaluate_keys_cis_determinism_and_speed():
+def test_evaluate_keys_cis_and_determinism():
     rng = np.random.default_rng(0)
     labels = np.arange(800) < 400
     scores = rng.normal(size=800) + 1.0 * labels
-    start = time.perf_counter()
     res = evaluate(labels, scores, n_bootstrap=1000, seed=0)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.5, f"bootstrap took {elapsed:.2f}s"
     metrics = [
         "auc",
         "balanced_accuracy",

@@ -260,8 +260,8 @@ def test_shadow_model_i_does_not_depend_on_the_number_of_shadow_models(tmp_path)
     ``shadow.count`` is, so the sweep's cache trains each model once."""
     import polars as pl
 
+    from mimia.config import model_pretrain
     from mimia.data.prepare import write_manifest, write_membership
-    from mimia.defenses import model_pretrain
 
     preset = yaml.safe_load((PRESETS / "digits-references.yaml").read_text())
     experiments = resolve_experiments(preset)

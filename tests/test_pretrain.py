@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mimia.models import build_model
-from mimia.pretrain import TrainConfig, lr_at, train_mim
+from mimia.training import TrainConfig, lr_at, train_mim
 
 
 def _images(n=32, seed=0):
@@ -82,7 +82,7 @@ def test_stale_resume_file_is_ignored(tiny_spec, tmp_path):
 KILL_SCRIPT = """
 import sys, torch
 from mimia.models import ModelSpec, build_model
-from mimia.pretrain import TrainConfig, train_mim
+from mimia.training import TrainConfig, train_mim
 torch.set_num_threads(1)
 spec = ModelSpec.from_dict(__import__("json").loads(sys.argv[1]))
 images = torch.load(sys.argv[2], weights_only=True)
@@ -137,3 +137,33 @@ def test_kill_9_then_restart_resumes_and_matches(tiny_spec, tmp_path):
     b = torch.load(tmp_path / "straight.pt", weights_only=True)
     for key in b:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_resume_file_that_cannot_be_read_stops_the_run_and_stays(tiny_spec, tmp_path):
+    """An I/O error is not damage: moving the file aside would throw away a good checkpoint
+    on a flaky disk. Reading /proc/self/mem from its start fails with EIO, for real."""
+    import errno
+
+    cfg = TrainConfig.from_section(
+        {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "checkpoint_every": 1}
+    )
+    resume = tmp_path / "resume.pt"
+    resume.symlink_to("/proc/self/mem")
+    with pytest.raises(OSError) as err:
+        train_mim(build_model(tiny_spec), _images(), cfg, resume_path=resume, fingerprint="f")
+    assert err.value.errno == errno.EIO
+    assert resume.is_symlink() and not list(tmp_path.glob("resume.pt.corrupt-*"))
+
+
+def test_a_truncated_resume_file_is_damage_and_training_starts_over(tiny_spec, tmp_path):
+    cfg = TrainConfig.from_section(
+        {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "checkpoint_every": 1}
+    )
+    resume = tmp_path / "resume.pt"
+    train_mim(build_model(tiny_spec), _images(), cfg, resume_path=resume, stop_after_epoch=0)
+    data = resume.read_bytes()
+    for n, cut in enumerate((0, 100, len(data) // 2, len(data) - 10), start=1):
+        resume.write_bytes(data[:cut])
+        hist = train_mim(build_model(tiny_spec), _images(), cfg, resume_path=resume)
+        assert [h["epoch"] for h in hist] == [0, 1], cut
+        assert resume.with_name(f"resume.pt.corrupt-{n}").stat().st_size == cut

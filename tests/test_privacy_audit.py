@@ -134,6 +134,48 @@ def test_privacy_audit_reports_the_bound_next_to_the_accountants_epsilon(tmp_pat
     assert json.loads((tmp_path / "q.json").read_text())["accountant_epsilon"] == "inf"
 
 
+def test_the_headline_bound_is_corrected_for_the_attacks_compared(tmp_path):
+    """The best of m (decoder, attack) bounds is a maximum chosen on the audit data: each
+    pair's bound is taken at 1 - (1 - confidence) / m, so the maximum holds at confidence."""
+    rng = np.random.default_rng(5)
+    labels = np.repeat([1, 0], 200)
+    shifts = {"lira": 1.0, "rmia": 0.8, "threshold": 0.4, "random": 0.0}
+    scores = {a: rng.normal(size=400) + shift * labels for a, shift in shifts.items()}
+    files = [
+        _scores_file(tmp_path / f"{a}.parquet", labels, s, "released", a) for a, s in scores.items()
+    ]
+    sidecar = tmp_path / "plain.json"
+    sidecar.write_text(json.dumps({"spec": {}, "info": {"model": "target"}}))
+    audit = {"confidence": 0.95, "delta": 1e-5, "bonferroni": False}
+    table = privacy_audit("e", files, sidecar, audit, tmp_path / "p.parquet", tmp_path / "p.json")
+    # epsilon_lower_bound itself is checked against scipy above
+    per_attack, corrected = (
+        {
+            a: epsilon_lower_bound(labels, s, 1e-5, level)["epsilon_lower_bound"]
+            for a, s in scores.items()
+        }
+        for level in (0.95, 1 - 0.05 / 4)
+    )
+    rows = {r["attack"]: r for r in table.iter_rows(named=True)}
+    for attack in scores:
+        assert rows[attack]["epsilon_lower_bound"] == pytest.approx(per_attack[attack])
+        assert rows[attack]["epsilon_lower_bound_corrected"] == pytest.approx(corrected[attack])
+        assert rows[attack]["epsilon_lb_comparisons"] == 4
+    best = json.loads((tmp_path / "p.json").read_text())["best"]
+    strongest = max(corrected, key=corrected.get)
+    assert best["attack"] == strongest
+    assert best["epsilon_lower_bound"] == pytest.approx(corrected[strongest])
+    assert 0 < best["epsilon_lower_bound"] < max(per_attack.values())
+    assert best["comparisons"] == 4 and best["confidence"] == 0.95
+    assert best["per_comparison_confidence"] == pytest.approx(0.9875)
+    assert best["correction"].startswith("Bonferroni over the 4 (decoder, attack) pairs")
+    # one attack alone needs no correction
+    alone = privacy_audit(
+        "e", files[:1], sidecar, audit, tmp_path / "q.parquet", tmp_path / "q.json"
+    ).row(0, named=True)
+    assert alone["epsilon_lower_bound_corrected"] == alone["epsilon_lower_bound"]
+
+
 def _experiment(tmp_path, name, shift, epsilon, rng, audit):
     """One audited experiment's inputs: metrics, privacy audit and utility record."""
     labels = np.repeat([1, 0], 100)
@@ -214,6 +256,8 @@ def test_privacy_utility_table_joins_attacks_bounds_utility_and_settings(tmp_pat
     none = df.filter((pl.col("experiment") == "none") & (pl.col("attack") == "lira"))
     assert math.isinf(none["accountant_epsilon"][0]) and none["epsilon_lower_bound"][0] > 1.0
     md = out["md"].read_text()
+    headline = df.filter(pl.col("experiment") == "none")["epsilon_lower_bound_corrected"].max()
+    assert f"| {headline:.2f} |" in md and "the experiment's 2 attacks and decoders" in md
     assert "| none |" in md and "| dp |" in md and "∞" in md and "lira (released)" in md
     assert "| 4.000 [3.900, 4.100] |" in md  # dp's held-out masked error and its CI
     assert "random (released)" not in md  # the random baseline is never the strongest attack

@@ -13,6 +13,7 @@ from mimia.report.figures import (
     pick_across_classes,
     reconstruction_figure,
     roc_figure,
+    target_errors,
 )
 from mimia.report.tables import experiment_metrics, markdown_table, summary
 
@@ -206,3 +207,25 @@ def test_error_vs_mask_ratio_draws_one_ratio_and_several(tmp_path):
     assert (stats["mean"] < stats["ci_high"]).all()
     error_vs_mask_ratio(several, tmp_path / "two.png")
     assert (tmp_path / "two.png").stat().st_size > 5000
+
+
+def test_target_errors_refuses_samples_missing_from_the_manifest(tmp_path):
+    """Every target error row gets its membership from the manifest; a sample the manifest
+    lacks is an error (a left join made its is_member null and the histograms dropped it)."""
+    member = np.r_[np.ones(3, bool), np.zeros(3, bool)]
+    table = _error_table(np.full(6, 0.05), 2, member).drop("is_member")
+    # another model's rows may name samples outside the manifest: only the target's count
+    shadow = table.with_columns(model=pl.lit("shadow1"), sample_id=pl.lit("elsewhere"))
+    write_parquet(pl.concat([table, shadow]), tmp_path / "errors.parquet", {})
+    roles = ["target_member"] * 3 + ["target_nonmember"] * 3
+    manifest = pl.DataFrame({"sample_id": [f"s{i:04d}" for i in range(6)], "role": roles})
+    write_parquet(manifest, tmp_path / "manifest.parquet", {})
+    joined = target_errors(tmp_path / "errors.parquet", tmp_path / "manifest.parquet")
+    assert joined.height == 12 and joined["is_member"].null_count() == 0
+    assert (
+        joined.sort("sample_id", "mask_index")["is_member"].to_list()
+        == np.repeat(member, 2).tolist()
+    )
+    write_parquet(manifest.head(5), tmp_path / "manifest.parquet", {})
+    with pytest.raises(ValueError, match=r"1 target sample ids are not in the manifest .*'s0005'"):
+        target_errors(tmp_path / "errors.parquet", tmp_path / "manifest.parquet")

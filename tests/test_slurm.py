@@ -28,29 +28,17 @@ CLUSTER = ROOT / ".ci" / "slurm" / "cluster.sh"
 REQUIRED = os.environ.get("MIMIA_REQUIRE_SLURM") == "1"
 RUN_TIMEOUT = 1500  # seconds per workflow run; then SIGINT, which cancels the SLURM jobs
 
-# As small as the workflow allows while every stage runs: one shard per role, a target and a
-# shadow, the shadow decoder, one attack. GPU rules ask for a GPU (the test node has fake
-# ones), so the submissions carry --gpus as on a GPU cluster.
+# The tests' tiny config (.test/config/config.yaml) made as small as the workflow allows while
+# every stage runs: one shard per role, a target and a shadow, the shadow decoder, one attack.
+# GPU rules ask for a GPU (the test node has fake ones), so the submissions carry --gpus as on
+# a GPU cluster.
+TINY = yaml.safe_load((ROOT / ".test" / "config" / "config.yaml").read_text())
 CONFIG = {
     "gpu": 1,
     "defaults": {
+        **TINY["defaults"],
         "runtime": {"batch_size": 20, "num_workers": 0},
-        "seed": 1,
-        "dataset": {"name": "digits", "img_size": 16},
-        "split": {
-            "target_member": 20,
-            "target_nonmember": 20,
-            "shadow_member": 20,
-            "shadow_nonmember": 20,
-            "shard_size": 20,
-        },
-        "model": {
-            "encoder_overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2},
-            "patch_size": 4,
-            "decoder_embed_dim": 32,
-            "decoder_depth": 1,
-            "decoder_num_heads": 2,
-        },
+        "split": {**dict.fromkeys(TINY["defaults"]["split"], 20), "shard_size": 20},
         "pretrain": {"epochs": 2, "batch_size": 10, "warmup_epochs": 1, "blr": 1e-2},
         "adapt": {"epochs": 1, "batch_size": 10, "warmup_epochs": 0},  # validated, not run
         "shadow": {"count": 1},

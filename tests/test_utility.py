@@ -14,7 +14,7 @@ from mimia.data.sources import load_source
 from mimia.masking import deterministic_masks
 from mimia.models import build_model
 from mimia.models.checkpoint import save_model
-from mimia.pretrain import TrainConfig, train_mim
+from mimia.training import TrainConfig, train_mim
 from mimia.utility import (
     encoder_features,
     knn_predict,

@@ -16,41 +16,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
-TINY = {
-    "defaults": {
-        "seed": 1,
-        "dataset": {"name": "digits", "img_size": 16},
-        "split": {
-            "target_member": 40,
-            "target_nonmember": 40,
-            "shadow_member": 40,
-            "shadow_nonmember": 40,
-            "shard_size": 20,
-        },
-        "model": {
-            "encoder_overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2},
-            "patch_size": 4,
-            "decoder_embed_dim": 32,
-            "decoder_depth": 1,
-            "decoder_num_heads": 2,
-        },
-        "pretrain": {"epochs": 3, "batch_size": 20, "warmup_epochs": 1, "blr": 1e-2},
-        "adapt": {"epochs": 2, "batch_size": 20, "warmup_epochs": 1},
-        "shadow": {"count": 2},
-        "decoder": ["shadow", "adapted", "released"],
-        "extract": {"mask_ratios": [0.5, 0.75], "num_masks": 2, "grid_samples": 2},
-        "metrics": {"n_bootstrap": 50},
-        "runtime": {"batch_size": 16, "num_workers": 0},
-    },
-    "experiments": {
-        "tiny": {},
-        "tiny-simmim": {
-            "model": {"recipe": "simmim", "mask_patch_size": 8},
-            "decoder": ["released", "adapted"],
-            "attacks": {"threshold": {}, "lira": {}},
-        },
-    },
-}
+# The tests' tiny config, also runnable by hand (see its header).
+TINY = yaml.safe_load((ROOT / ".test" / "config" / "config.yaml").read_text())
 
 
 def _snakemake(

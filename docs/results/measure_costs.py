@@ -27,9 +27,9 @@ import yaml
 
 from mimia.attacks import requires_embeddings
 from mimia.config import attack_kind, model_spec, resolve_experiments
-from mimia.extract import score_batch
 from mimia.masking import random_masks
 from mimia.models import build_model
+from mimia.models.scoring import score_batch
 
 
 def _clock(device: torch.device) -> float:

@@ -13,17 +13,17 @@ removes the key so the schema's default applies again.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
-from mimia.layout import ROLES
+from mimia.layout import ROLES, TARGET, shadow_model
+from mimia.schema import SCHEMA_DIR, canonical, check_section, load_schema
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 ABLATION_SEPARATOR = "__"
 
@@ -53,39 +53,37 @@ def set_path(d: dict, dotted: str, value: Any) -> dict:
     return out
 
 
-def canonical(value: Any) -> Any:
-    """``value`` with every mapping's keys sorted, recursively.
-
-    Snakemake compares rule params by their ``repr``: two configs that differ only in key
-    order (or in whether a default was written out) must give the same params, or every job
-    reruns with "params have changed".
-    """
-    if isinstance(value, dict):
-        return {k: canonical(value[k]) for k in sorted(value)}
-    if isinstance(value, list | tuple):
-        return [canonical(v) for v in value]
-    return value
-
-
-def _load_schema(schema_dir: Path = SCHEMA_DIR) -> dict:
-    return yaml.safe_load((schema_dir / "experiment.schema.yaml").read_text())
+def results_folder(value: Any) -> str:
+    """The ``results`` setting, refused unless it names a folder mimia may fill: not empty
+    (outputs would be planned under ``/``), not the filesystem root, not an existing file."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"results: {value!r} is not a folder; give a path such as 'results'")
+    path = Path(value).expanduser()
+    if path.resolve().parent == path.resolve():
+        raise ValueError(f"results: {value!r} is the filesystem root; give a folder of its own")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"results: {value!r} is an existing file, not a folder")
+    return value.rstrip("/") or value
 
 
-def schema_defaults(section: str) -> dict:
-    """The schema's defaults of one experiment section (e.g. ``pretrain``)."""
-    props = _load_schema()["properties"][section]["properties"]
-    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+def whole_numbers(section: str, value: dict) -> dict:
+    """``value`` (settings of experiment section ``section``, e.g. ``shadow.pretrain``'s
+    overrides of ``pretrain``) with whole-number floats of integer settings made ints, as
+    :func:`resolve_experiments` does for every section the schema completes."""
 
+    def walk(schema: dict, node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        props = schema.get("properties", {})
+        out = {}
+        for key, v in node.items():
+            sub = props.get(key, {})
+            if sub.get("type") == "integer" and isinstance(v, float) and v.is_integer():
+                v = int(v)
+            out[key] = walk(sub, v)
+        return out
 
-def check_section(section: str, value: dict) -> None:
-    """Validate ``value`` against experiment section ``section``'s schema as it is (no
-    defaults filled in); ValueError naming the first key it refuses."""
-    full = _load_schema()
-    schema = {"$defs": full["$defs"], **full["properties"][section]}
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=str)
-    if errors:
-        where = ".".join(str(p) for p in errors[0].path)
-        raise ValueError(f"{where}: {errors[0].message}")
+    return walk(load_schema()["properties"][section], value)
 
 
 def _validator(schema: dict):
@@ -143,7 +141,9 @@ def resolve_experiments(config: dict, schema_dir: Path = SCHEMA_DIR) -> dict[str
         if unknown:
             raise ValueError(f"select names unknown experiments {unknown}; defined: {sorted(raw)}")
         raw = {name: raw[name] for name in raw if name in select}
-    validator = _validator(_load_schema(schema_dir))
+    validator = _validator(load_schema(schema_dir))
+    # Before the schema fills in its defaults: which architecture fields the user wrote.
+    written = {name: copy.deepcopy(exp) for name, exp in raw.items()}
     resolved = {}
     for name, exp in raw.items():
         if not NAME.match(name):
@@ -155,10 +155,15 @@ def resolve_experiments(config: dict, schema_dir: Path = SCHEMA_DIR) -> dict[str
             e = errors[0]
             where = ".".join(str(p) for p in e.path) or "(top level)"
             raise ValueError(f"experiment {name!r}: {where}: {e.message}")
+        stated = _stated(written[name])
         try:
-            _check(exp)
+            _check(exp, stated)
         except ValueError as err:
             raise ValueError(f"experiment {name!r}: {err}") from None
+        if exp["target"]["checkpoint"] and exp["target"]["format"] in UNTOLD_BY_FORMAT:
+            # For the import job, which takes only what the user wrote where the checkpoint
+            # does not say (a param: only the fields a checkpoint may leave unsaid).
+            exp["target"]["stated"] = sorted(set(stated) & set(UNTOLD))
         resolved[name] = canonical(exp)
     return resolved
 
@@ -192,9 +197,29 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "_", text)
 
 
-def _check(exp: dict) -> None:
+# Architecture fields that a timm state dict or an MAE release does not record (an MAE training
+# checkpoint's args may): for an imported target they must be what the user wrote.
+UNTOLD = ("num_heads", "norm_eps", "decoder_num_heads", "norm_pix_loss", "mean", "std")
+# Per format, those the config must state before any job runs (a timm file never says them;
+# an MAE checkpoint is checked by the import job, which reads its args).
+UNTOLD_BY_FORMAT = {"timm": ("num_heads", "norm_eps"), "mae": ()}
+
+
+def _stated(exp: dict) -> list[str]:
+    """Architecture fields (:func:`mimia.models.spec.architecture` names) that an experiment
+    as written, before schema defaults, sets: ``model`` keys, ``encoder_overrides`` keys (not
+    the encoder name's table) and ``dataset.img_size``."""
+    model = exp.get("model") or {}
+    out = {k for k in model if k != "encoder_overrides"}
+    out |= set(model.get("encoder_overrides") or {})
+    if "img_size" in (exp.get("dataset") or {}):
+        out.add("img_size")
+    return sorted(out)
+
+
+def _check(exp: dict, stated: Iterable[str] = ()) -> None:
     """Cross-field checks the schema cannot express, so bad input fails before any job."""
-    from mimia.defenses import check_defenses
+    from mimia.usage import check_usage
 
     if exp["split"].get("assignment"):
         # Role sizes come from the assignment: shard counts are needed to build the DAG.
@@ -203,9 +228,12 @@ def _check(exp: dict) -> None:
         spec = model_spec(exp)
     except ValueError as err:
         raise ValueError(f"model: {err}") from None
-    _check_target(exp, spec)
+    _check_target(exp, spec, stated)
     _check_attacks(exp)
+    exp["shadow"]["pretrain"] = whole_numbers("pretrain", exp["shadow"]["pretrain"])
     check_defenses(exp)
+    check_privacy_budget(exp)
+    check_usage(exp)
     for section in ("pretrain", "adapt"):
         cfg = exp[section]
         if cfg["warmup_epochs"] > cfg["epochs"]:
@@ -240,10 +268,11 @@ def _assignment_sizes(path: str) -> dict[str, int]:
     return {role: counts[role] for role in ROLES}
 
 
-def _check_target(exp: dict, spec) -> None:
+def _check_target(exp: dict, spec, stated: Iterable[str] = ()) -> None:
     """A released target must be what the ``model`` section describes: that section builds
-    the shadow models, whose decoders go on the target encoder."""
-    from mimia.models.spec import declared_spec, spec_differences
+    the shadow models, whose decoders go on the target encoder. What its checkpoint cannot
+    record must be written in the experiment, not filled in from defaults."""
+    from mimia.models.spec import config_key, declared_spec, spec_differences
 
     target = exp["target"]
     if not target["checkpoint"]:
@@ -252,6 +281,15 @@ def _check_target(exp: dict, spec) -> None:
         raise ValueError(
             "a timm target checkpoint is an encoder only; decoder mode 'released' needs the "
             "target's decoder (use decoder: [shadow, adapted])"
+        )
+    unstated = [k for k in UNTOLD_BY_FORMAT.get(target["format"], ()) if k not in set(stated)]
+    if unstated:
+        keys = ", ".join(config_key(k) for k in unstated)
+        raise ValueError(
+            f"target.checkpoint {target['checkpoint']} (format {target['format']}) does not "
+            f"record {keys}: write {'it' if len(unstated) == 1 else 'them'} in the experiment's "
+            f"model section (mimia takes neither the schema's defaults nor the encoder name's "
+            f"table for an imported target)"
         )
     declared = declared_spec(target["checkpoint"], target["format"])
     if declared is None:  # timm / mae: checked against the tensors' shapes at import
@@ -303,3 +341,151 @@ def model_spec(exp: dict):
 def section(exp: dict, name: str, drop: Iterable[str] = ()) -> dict:
     """A config section without the keys in ``drop``, canonical (for rule params)."""
     return canonical({k: v for k, v in exp[name].items() if k not in set(drop)})
+
+
+# -- training sections and defenses -------------------------------------------------------------
+RERUN_FREE_KEYS = ("checkpoint_every",)
+"""Training keys that change how a job runs, not what it computes (like ``runtime``): kept out
+of the rule params, so changing them reruns nothing; the job reads them itself."""
+
+DEFENSE_KEYS = ("dp", "early_stopping")
+"""``pretrain`` keys that are defenses rather than the recipe's settings: ``dp`` (DP-SGD with
+Opacus) and ``early_stopping`` (the epoch count chosen on a held-out slice of the training
+images). ``shadow.knows_defense`` says whether the adversary's shadow and reference models
+train with the target's defense or without it (then with ``shadow.pretrain`` over the target's
+other settings)."""
+
+
+def split_defenses(train: dict) -> tuple[dict, dict | None, dict | None]:
+    """A ``pretrain`` section as ``(recipe settings, dp, early_stopping)``."""
+    recipe = {k: v for k, v in train.items() if k not in DEFENSE_KEYS}
+    return recipe, train.get("dp"), train.get("early_stopping")
+
+
+def model_pretrain(exp: dict, model: str) -> dict:
+    """The ``pretrain`` section ``model`` trains with: the target's own; a shadow model's is the
+    same when the adversary knows the defense, else the target's without ``dp`` and
+    ``early_stopping`` and with ``shadow.pretrain`` merged over it."""
+    section = exp["pretrain"]
+    if model == TARGET or exp["shadow"]["knows_defense"]:
+        return canonical(section)
+    recipe, _, _ = split_defenses(section)
+    return canonical(deep_merge(recipe, exp["shadow"]["pretrain"]))
+
+
+def train_params(section: dict) -> dict:
+    """A training section as a rule param: without :data:`RERUN_FREE_KEYS`."""
+    return canonical({k: v for k, v in section.items() if k not in RERUN_FREE_KEYS})
+
+
+def check_defenses(exp: dict) -> None:
+    """Cross-field checks of the defense settings (part of config resolution); ValueError
+    naming the key."""
+    shadow = exp["shadow"]
+    if shadow["knows_defense"] and shadow["pretrain"]:
+        raise ValueError(
+            f"shadow.pretrain {shadow['pretrain']} is what an adversary who does not know the "
+            f"defense assumes; with shadow.knows_defense true the shadow models train with "
+            f"the target's pretrain section: set knows_defense false or drop shadow.pretrain"
+        )
+    sections = {"pretrain": exp["pretrain"]}
+    if not shadow["knows_defense"]:
+        sections["pretrain for the shadow models"] = model_pretrain(exp, shadow_model(0))
+        _check_shadow_pretrain(sections["pretrain for the shadow models"])
+    smallest_role = min(exp["split"][r] for r in ("target_member", "shadow_member"))
+    for where, section in sections.items():
+        _, dp, early = split_defenses(section)
+        if dp is not None:
+            if ("noise_multiplier" in dp) == ("target_epsilon" in dp):
+                raise ValueError(
+                    f"{where}.dp needs exactly one of noise_multiplier and target_epsilon, "
+                    f"got {sorted(dp)}"
+                )
+            if section["accum_iter"] != 1:
+                raise ValueError(
+                    f"{where}.dp: Poisson sampling draws a fresh batch every step, so "
+                    f"accum_iter must be 1 (got {section['accum_iter']}); raise batch_size"
+                )
+            if section["devices"] != 1:
+                # DP-SGD runs in one process: more would neither run nor be accounted for,
+                # yet would scale the learning rate and reserve that many GPUs.
+                raise ValueError(
+                    f"{where}.dp trains in one process, so devices must be 1 (got "
+                    f"{section['devices']}); raise batch_size instead"
+                )
+            if early is not None:
+                raise ValueError(
+                    f"{where}: dp and early_stopping together would choose the epoch count on "
+                    f"private images outside the accountant; use pretrain.epochs with dp"
+                )
+        if early is not None:
+            kept = smallest_role - math.ceil(early["holdout"] * smallest_role)
+            batch = section["batch_size"] * section["devices"]
+            if kept < batch:
+                per_device = f" x devices={section['devices']}" if section["devices"] > 1 else ""
+                raise ValueError(
+                    f"{where}.early_stopping.holdout={early['holdout']} leaves {kept} training "
+                    f"images, fewer than batch_size={section['batch_size']}{per_device}"
+                )
+
+
+# Opacus' RDP accountant's orders (RDPAccountant.DEFAULT_ALPHAS), kept here so that the
+# config check needs neither Opacus nor torch; tests/test_inputs.py checks them against it.
+RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+
+
+def rdp_epsilon_floor(delta: float) -> float:
+    """The smallest epsilon Opacus' RDP accountant can certify at ``delta``, however much
+    noise: its conversion from Renyi DP at orders up to 63 never goes below this."""
+    return min(
+        -(math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a) for a in RDP_ORDERS
+    )
+
+
+def check_privacy_budget(exp: dict) -> None:
+    """Refuse a ``pretrain.dp`` whose guarantee is void or cannot be reached, naming the key:
+    ``delta`` not below 1 / N (N: the target's training images) permits releasing one of
+    them outright; a ``target_epsilon`` at or below what the RDP accountant can certify at
+    that ``delta`` makes the job fail after the data are prepared."""
+    dp = exp["pretrain"].get("dp")
+    if dp is None:
+        return
+    n = exp["split"]["target_member"]
+    if dp["delta"] >= 1 / n:
+        raise ValueError(
+            f"pretrain.dp.delta={dp['delta']:g} is not below 1/N = 1/{n}, N being the "
+            f"target's training images: such a guarantee allows leaking an image; use a delta "
+            f"well below {1 / n:.3g}"
+        )
+    if "target_epsilon" in dp and dp["accountant"] == "rdp":
+        floor = rdp_epsilon_floor(dp["delta"])
+        if dp["target_epsilon"] <= floor:
+            raise ValueError(
+                f"pretrain.dp.target_epsilon={dp['target_epsilon']:g} is too small for the "
+                f"rdp accountant: at delta={dp['delta']:g} it certifies no epsilon below "
+                f"{floor:.4f}, however much noise; raise target_epsilon or delta"
+            )
+
+
+def _check_shadow_pretrain(section: dict) -> None:
+    try:
+        check_section("pretrain", section)
+    except ValueError as err:
+        raise ValueError(f"shadow.pretrain: {err}") from None
+
+
+def describe(exp: dict) -> dict[str, Any]:
+    """The defense settings of an experiment, flat, for tables and figure labels."""
+    section = exp["pretrain"]
+    _, dp, early = split_defenses(section)
+    return {
+        "dp_noise_multiplier": None if dp is None else dp.get("noise_multiplier"),
+        "dp_target_epsilon": None if dp is None else dp.get("target_epsilon"),
+        "dp_max_grad_norm": None if dp is None else dp["max_grad_norm"],
+        "epochs": section["epochs"],
+        "augment": section["augment"],
+        "weight_decay": section["weight_decay"],
+        "mask_ratio": section["mask_ratio"],
+        "early_stopping": early is not None,
+        "knows_defense": exp["shadow"]["knows_defense"],
+    }

@@ -7,7 +7,6 @@ the number of images.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mimia.data.shards import shard_dataset
-from mimia.masking import deterministic_masks
 from mimia.models.base import MIMModel
+from mimia.models.scoring import attach_decoder, score_batch
 from mimia.storage import atomic_path
 
 # No role or membership label: an error table says how well a model reconstructs an image,
@@ -56,46 +55,6 @@ def shard_loader(paths: Sequence[str | Path], batch_size: int, num_workers: int)
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
     )
-
-
-@torch.inference_mode()
-def score_batch(
-    model: MIMModel,
-    imgs: torch.Tensor,
-    sample_ids: Sequence[str],
-    seed: int,
-    mask_ratio: float,
-    num_masks: int,
-) -> dict[str, torch.Tensor]:
-    """Errors ``[B, K]`` of uint8 ``imgs`` under the K deterministic masks of each sample."""
-    spec = model.spec
-    device = next(model.parameters()).device
-    masks = deterministic_masks(
-        seed, sample_ids, mask_ratio, range(num_masks), spec.grid_size, spec.mask_block
-    ).to(device)
-    b, k = masks.shape[:2]
-    x = model.normalize(imgs.to(device, non_blocking=True).float().div_(255))
-    x = x.repeat_interleave(k, dim=0)
-    flat_mask = masks.reshape(b * k, -1)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        pred = model.decode(model.encode(x, flat_mask), flat_mask)
-    errors = model.patch_errors(x, pred.float())
-    n_masked = int(flat_mask[0].sum())
-    masked = errors[flat_mask].reshape(b * k, n_masked)
-    q = torch.quantile(masked, torch.tensor([0.0, 0.5, 1.0], device=device), dim=1)
-    out = {
-        "error": masked.mean(1),
-        "error_all": errors.mean(1),
-        "patch_error_min": q[0],
-        "patch_error_median": q[1],
-        "patch_error_max": q[2],
-    }
-    return {name: v.reshape(b, k).float().cpu() for name, v in out.items()}
 
 
 def extract_shard(
@@ -141,7 +100,6 @@ def scoring_model(
     ``checkpoints`` holds ``model`` (the audited model, or for ``adapted`` the adapted model)
     and, for ``shadow``, ``shadow`` (whose decoder goes on the model's encoder).
     """
-    from mimia.decoders import attach_decoder
     from mimia.layout import DECODER_MODES
     from mimia.models.checkpoint import load_model
 

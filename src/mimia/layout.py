@@ -19,10 +19,16 @@ DECODER_MODES = ("released", "shadow", "adapted")
 the target encoder as is (the paper); ``adapted``: shadow0's decoder fine-tuned on the frozen
 target encoder with the adversary's data only."""
 
-REFERENCE_DECODER = "released"
-"""Shadow (reference) models are always scored with their own decoder."""
+OWN_DECODER = "released"
+"""The decoder mode of a model scored with its own decoder: the shadow and reference models
+always are (only the target's scoring decoder varies)."""
 
 TARGET = "target"
+IMPORTED_TARGET = "target-imported"
+"""The model folder of a released target brought into mimia's format."""
+ADAPTED_TARGET = "target-adapted"
+"""The model folder (and training name) of decoder mode ``adapted``: the target encoder with
+:data:`PAPER_SHADOW`'s decoder fine-tuned on it."""
 
 
 def shadow_model(index: int) -> str:
@@ -31,6 +37,11 @@ def shadow_model(index: int) -> str:
 
 def shadow_models(count: int) -> list[str]:
     return [shadow_model(i) for i in range(count)]
+
+
+PAPER_SHADOW = "shadow0"
+"""The paper's shadow model: trained on ``shadow_member`` exactly, whatever the mode; the
+attacks fit on it and decoder modes ``shadow`` and ``adapted`` take its decoder."""
 
 
 def shadow_index(model: str) -> int:

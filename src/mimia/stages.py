@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mimia.layout import REFERENCE_DECODER, SHADOW_ROLES, TARGET, shadow_index
+from mimia.layout import ADAPTED_TARGET, OWN_DECODER, TARGET
 
 PathLike = str | Path
 
@@ -72,14 +72,6 @@ def shard(**kwargs) -> None:
 
 
 # -- models -------------------------------------------------------------------------------------
-def _train_config(train: dict, seed: int, runtime: dict):
-    from mimia.pretrain import TrainConfig
-
-    return TrainConfig.from_section(
-        train, seed=seed, device=runtime["device"], compile=runtime["compile"]
-    )
-
-
 def pretrain(
     *,
     manifest: PathLike,
@@ -94,64 +86,21 @@ def pretrain(
     runtime: dict,
     membership: PathLike | None = None,
 ) -> None:
-    """Pre-train the target (on ``target_member``) or shadow model ``model`` (on its
-    membership file's IN images); ``train.dp`` / ``train.early_stopping`` select DP-SGD or
-    early stopping (:mod:`mimia.defenses`)."""
-    import polars as pl
-    import torch
+    """Pre-train the target or shadow model ``model`` (:func:`mimia.training.run`)."""
+    from mimia.training import run
 
-    from mimia.data.shards import load_images
-    from mimia.defenses import split_defenses
-    from mimia.models import ModelSpec, build_model
-    from mimia.pretrain import resume_path_for, save_trained, train_mim
-    from mimia.provenance import read_metadata
-
-    rows = pl.read_parquet(manifest)
-    if model == TARGET:
-        ids = set(rows.filter(pl.col("role") == "target_member")["sample_id"])
-        offset = 0
-    else:
-        table = pl.read_parquet(membership)
-        ids = set(table.filter(pl.col("is_in"))["sample_id"])
-        offset = 1 + shadow_index(model)
-    if not ids:
-        raise ValueError(f"model {model!r} has no training images")
-    sample_ids, images = load_images(shards, ids)
-    recipe, dp, early = split_defenses(train)
-    cfg = _train_config(recipe, seed + offset, runtime)
-    torch.manual_seed(cfg.seed)
-    net = build_model(ModelSpec.from_dict(spec))
-    fingerprint = f"{net.spec.to_dict()}|{cfg.fingerprint()}|{sorted(ids)}"
-    resume = resume_path_for(weights)
-    info = {
-        "model": model,
-        "train_config": train,
-        "seed": cfg.seed,
-        "num_train_images": len(ids),
-        "manifest_sha256": read_metadata(manifest)["manifest_sha256"],
-        "decoder_released": True,
-    }
-    if dp is not None:
-        from mimia.config import canonical
-        from mimia.defenses import train_dp
-
-        history, info["dp"] = train_dp(
-            net,
-            images,
-            cfg,
-            dp,
-            resume_path=resume,
-            fingerprint=f"dp|{canonical(dp)}|{fingerprint}",
-        )
-    elif early is not None:
-        from mimia.defenses import train_early_stopped
-
-        history, info["early_stopping"] = train_early_stopped(
-            net, images, sample_ids, cfg, early, resume_path=resume, fingerprint=fingerprint
-        )
-    else:
-        history = train_mim(net, images, cfg, resume_path=resume, fingerprint=fingerprint)
-    save_trained(net, history, info, weights, train_log)
+    run(
+        model=model,
+        manifest=manifest,
+        shards=shards,
+        weights=weights,
+        train_log=train_log,
+        train=train,
+        seed=seed,
+        runtime=runtime,
+        spec=spec,
+        membership=membership,
+    )
     _same_paths(weights, sidecar)
 
 
@@ -163,8 +112,13 @@ def import_target(
     format: str,
     spec: dict,
     needs_decoder: bool,
+    stated: Sequence[str] | None = None,
 ) -> None:
-    """Bring released target weights into mimia's format (checked against ``spec``)."""
+    """Bring released target weights into mimia's format (checked against ``spec``).
+
+    ``stated``: for timm and mae checkpoints, the fields of ``spec`` the user wrote; a field
+    the checkpoint does not record must be one of them.
+    """
     from mimia.models import ModelSpec
     from mimia.models.checkpoint import import_checkpoint, save_model
 
@@ -173,7 +127,10 @@ def import_target(
     ignore = ["mean", "std"] if format == "mimia" else []
     if not needs_decoder:
         ignore += [f for f in spec if f.startswith("decoder_")]
-    model, info = import_checkpoint(checkpoint, format, ModelSpec.from_dict(spec), ignore=ignore)
+    options = {} if stated is None else {"stated": stated}
+    model, info = import_checkpoint(
+        checkpoint, format, ModelSpec.from_dict(spec), ignore=ignore, **options
+    )
     if needs_decoder and not info["decoder_released"]:
         raise ValueError(
             f"target checkpoint {checkpoint} has no decoder, so decoder mode 'released' cannot "
@@ -201,34 +158,21 @@ def adapt_decoder(
     runtime: dict,
 ) -> None:
     """Fit the ``adapted`` decoder: shadow0's decoder on the frozen target encoder, trained on
-    the adversary's shards only (shadow roles)."""
-    import polars as pl
+    the adversary's shards only (:func:`mimia.training.run`)."""
+    from mimia.training import run
 
-    from mimia.data.shards import load_images
-    from mimia.decoders import adapt_decoder as adapt
-    from mimia.models.checkpoint import load_model
-    from mimia.pretrain import resume_path_for, save_trained
-    from mimia.provenance import file_sha256, read_metadata
-
-    rows = pl.read_parquet(manifest)
-    ids = set(rows.filter(pl.col("role").is_in(SHADOW_ROLES))["sample_id"])
-    _, images = load_images(shards, ids)
-    cfg = _train_config(train, seed + 10_000, runtime)
-    target_sha = file_sha256(target)
-    fingerprint = f"{target_sha}|{file_sha256(shadow)}|{cfg.fingerprint()}|{len(ids)}"
-    model, history = adapt(
-        load_model(target), load_model(shadow), images, cfg, resume_path_for(weights), fingerprint
+    run(
+        model=ADAPTED_TARGET,
+        manifest=manifest,
+        shards=shards,
+        weights=weights,
+        train_log=train_log,
+        train=train,
+        seed=seed,
+        runtime=runtime,
+        target=target,
+        shadow=shadow,
     )
-    info = {
-        "model": "target-adapted",
-        "adapt_config": train,
-        "seed": cfg.seed,
-        "num_train_images": len(ids),
-        "manifest_sha256": read_metadata(manifest)["manifest_sha256"],
-        "target_sha256": target_sha,
-        "decoder_released": False,
-    }
-    save_trained(model, history, info, weights, train_log)
     _same_paths(weights, sidecar)
 
 
@@ -266,10 +210,10 @@ def extract(
     """Reconstruction errors of one shard under the K masks of every mask ratio, for the
     scoring model (``checkpoint``'s encoder with the decoder ``decoder`` names)."""
     from mimia.extract import extract_shard, scoring_model
-    from mimia.pretrain import resolve_device
     from mimia.provenance import file_sha256, provenance, read_metadata
+    from mimia.training import resolve_device
 
-    if model != TARGET and decoder != REFERENCE_DECODER:
+    if model != TARGET and decoder != OWN_DECODER:
         raise ValueError(f"shadow models are scored with their own decoder, not {decoder!r}")
     checkpoints = _checkpoints(checkpoint, shadow_decoder)
     device = resolve_device(runtime["device"])
@@ -318,14 +262,15 @@ def embed(
     num_views: int,
     runtime: dict,
 ) -> None:
-    """EncoderMI features: similarities of the encoder's embeddings of augmented views."""
+    """EncoderMI features: similarities of the encoder's embeddings of augmented views, on
+    the runtime device (the device the rule reserves a GPU for)."""
     from mimia.extract import embed_shards
     from mimia.models.checkpoint import load_model
     from mimia.provenance import file_sha256, provenance, read_metadata, write_parquet
+    from mimia.training import resolve_device
 
-    table = embed_shards(
-        load_model(checkpoint), shards, model, seed, num_views, runtime["batch_size"]
-    )
+    encoder = load_model(checkpoint, device=str(resolve_device(runtime["device"])))
+    table = embed_shards(encoder, shards, model, seed, num_views, runtime["batch_size"])
     meta = provenance(
         seed=seed,
         manifest_sha256=read_metadata(manifest)["manifest_sha256"],
@@ -344,6 +289,14 @@ def attack(**kwargs) -> None:
     from mimia.attacks.stage import attack_stage
 
     attack_stage(**kwargs)
+
+
+def usage(**kwargs) -> None:
+    """Dataset usage inference per (decoder, attack): see :func:`mimia.usage.usage_stage`,
+    whose keyword arguments are the rule's."""
+    from mimia.usage import usage_stage
+
+    usage_stage(**kwargs)
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -491,13 +444,27 @@ def _named(items) -> dict[str, Any]:
 
 
 def _runtime(smk) -> dict:
-    from mimia.config import resolve_experiments
+    """The experiment's ``runtime`` section, and for a training rule its section's
+    rerun-free keys (``checkpoint_every``): how the job runs, kept out of the rule params."""
+    from mimia.config import RERUN_FREE_KEYS, model_pretrain, resolve_experiments
 
-    return resolve_experiments(smk.config)[smk.wildcards.experiment]["runtime"]
+    exp = resolve_experiments(smk.config)[smk.wildcards.experiment]
+    training = {
+        "pretrain": lambda: model_pretrain(exp, smk.wildcards.model),
+        "adapt_decoder": lambda: exp["adapt"],
+    }.get(smk.rule)
+    extra = {} if training is None else {k: training()[k] for k in RERUN_FREE_KEYS}
+    return {**exp["runtime"], **extra}
 
 
 def run_script(smk) -> None:
     """Run the stage named like ``smk.rule`` with the rule's inputs, outputs and params.
+
+    Around the stage runs the hash chain (:mod:`mimia.provenance`): every input is hashed and
+    refused if it is not what its producer recorded (a model also against the hash its
+    sidecar recorded when it was written: one fetched from the between-workflow cache has no
+    receipt here), and every output gets a receipt of its own hash, the inputs' hashes and the
+    rule's ``code`` param (the hash of the stage's code).
 
     The log gets everything the stage prints, its traceback on failure and, at the end, the
     wall time (cached rules carry no ``benchmark:``, so this is where their timing lives).
@@ -509,16 +476,22 @@ def run_script(smk) -> None:
     threads = str(max(int(smk.threads), 1))
     os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     stage = globals()[smk.rule]
-    kwargs = {**_named(smk.input), **_named(smk.output), **_named(smk.params)}
+    params = _named(smk.params)
+    code = params.pop("code", None)
+    kwargs = {**_named(smk.input), **_named(smk.output), **params}
     if "runtime" in inspect.signature(stage).parameters:
         kwargs["runtime"] = _runtime(smk)
     start = time.perf_counter()
     try:
+        inputs = _checked_inputs(list(smk.input), smk.config["results"])
+        outputs = [str(p) for p in smk.output]
+        _begin(smk.rule, code, inputs, outputs)
         if "torch" in sys.modules or smk.rule in _TORCH_RULES:
             import torch
 
             torch.set_num_threads(int(threads))
         stage(**kwargs)
+        _end(smk.rule, outputs, dict(smk.wildcards.items()))
     except BaseException as err:
         message = _failure(smk.rule, err)
         try:
@@ -529,6 +502,40 @@ def run_script(smk) -> None:
         print(message, file=sys.__stderr__, flush=True)
         raise SystemExit(1) from None
     print(f"{smk.rule} finished in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def _checked_inputs(inputs: list[str], results: str) -> dict[str, str]:
+    """SHA-256 of every input (a model's sidecar included), each checked against what its
+    producer recorded; a model in the results folder must match its sidecar's hash."""
+    from mimia.provenance import check_inputs
+    from mimia.storage import seal
+
+    for path in inputs:
+        seal(path)
+    models = [p for p in inputs if p.endswith(".safetensors")]
+    if models:
+        from mimia.models.checkpoint import check_weights, sidecar_path
+
+        for path in models:
+            inside = Path(os.path.abspath(path)).is_relative_to(os.path.abspath(results))
+            check_weights(path, required=inside)
+        inputs = inputs + [str(sidecar_path(p)) for p in models if sidecar_path(p).is_file()]
+    return check_inputs(inputs)
+
+
+def _begin(rule: str, code: str | None, inputs: dict[str, str], outputs: list[str]) -> None:
+    from mimia.provenance import begin_job, receipt_path
+
+    # A receipt outlives a failed rerun of its job only to be wrong about the file.
+    for path in outputs:
+        receipt_path(path).unlink(missing_ok=True)
+    begin_job(rule, code, inputs)
+
+
+def _end(rule: str, outputs: list[str], wildcards: dict[str, str]) -> None:
+    from mimia.provenance import write_receipts
+
+    write_receipts(outputs, rule, wildcards)
 
 
 _TORCH_RULES = {"pretrain", "import_target", "adapt_decoder", "extract", "embed", "reconstructions"}

@@ -1,18 +1,24 @@
-"""Atomic file writes: a result file is either complete or absent, never half-written.
+"""Writing results safely: atomic files, one run per results folder, sealed cache entries.
 
 Every writer of a result goes through :func:`atomic_path`: it writes a temp file beside the
-final one, which replaces the final path only once the write has succeeded (and reached the
-disk); on any failure the temp file is removed. A full disk is reported as such, naming the
-file, even where the writing library hides the cause (torch's zip writer says only
-``unexpected pos ...``).
+final one, named for its writer, which replaces the final path only once the write has
+succeeded (and reached the disk); on any failure the temp file is removed. A full disk is
+reported as such, naming the file, even where the writing library hides the cause (torch's zip
+writer says only ``unexpected pos ...``). A workflow holds :func:`lock_results` on its results
+folder for the whole run, and records which config each experiment folder was made with.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import itertools
 import json
 import os
+import socket
+import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,8 +51,13 @@ def _free_bytes(folder: Path) -> int | None:
 def _disk_full(err: BaseException, folder: Path) -> str | None:
     """Why ``err`` looks like a full disk (a detail for the message), or None."""
     if isinstance(err, OSError) and err.errno in _FULL:
-        return f"{_FULL[err.errno]}: {err}"
-    text = str(err)
+        return _FULL[err.errno]
+    # An OSError's text names the temp file it failed on: the message names the final path.
+    text = (
+        f"[Errno {err.errno}] {err.strerror}"
+        if isinstance(err, OSError) and err.strerror
+        else str(err)
+    )
     if any(t in text for t in _FULL_TEXT):
         return f"{type(err).__name__}: {text}"
     free = _free_bytes(folder)
@@ -64,10 +75,13 @@ def atomic_path(final_path: str | Path) -> Iterator[Path]:
     """
     final_path = Path(final_path)
     folder = final_path.parent
-    # A fixed name: a run killed mid-write leaves one temp file, which the rerun overwrites.
-    tmp = folder / f"{final_path.name}.tmp"
+    # Named for its writer (host, process, call): two writers of one file never share a temp
+    # file. One that a killed writer left on this host is removed by the next writer.
+    stem = f"{final_path.name}.{socket.gethostname()}-"
+    tmp = folder / f"{stem}{os.getpid()}-{next(_WRITES)}.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(folder, stem)
         yield tmp
         # Data must be on disk before the rename makes it look complete; a quota or network
         # filesystem may only report a failed write here.
@@ -89,9 +103,138 @@ def atomic_path(final_path: str | Path) -> Iterator[Path]:
         raise
 
 
+_WRITES = itertools.count()
+
+
+def _remove_orphans(folder: Path, stem: str) -> None:
+    for old in folder.glob(f"{glob_escape(stem)}*.tmp"):
+        pid = old.name[len(stem) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_json(path: str | Path, value) -> None:
     """``value`` as indented JSON at ``path``, atomically; NaN and infinity are refused (they
     are not JSON)."""
     text = json.dumps(value, indent=2, allow_nan=False)
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def seal(path: str | Path) -> None:
+    """Make the file a link points to (a between-workflow cache entry) read-only for all.
+
+    Snakemake creates cache entries writable by everyone; whoever could write one could change
+    every audit that uses it. Entries of other owners are left as they are (only their owner
+    may change the mode).
+    """
+    if not os.path.islink(path):
+        return
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+        if st.st_uid == os.getuid() and st.st_mode & 0o222:
+            os.chmod(real, stat.S_IMODE(st.st_mode) & ~0o222)
+    except OSError:
+        pass  # a dangling link: the job that reads it says so
+
+
+def seal_links(folder: str | Path) -> int:
+    """:func:`seal` every link under ``folder``; how many there were."""
+    count = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                seal(path)
+                count += 1
+    return count
+
+
+# -- one run per results folder -----------------------------------------------------------------
+LOCK = ".mimia-run.lock"
+CONFIG_RECORD = ".mimia-config.json"
+_HELD: dict[str, int] = {}  # results folder -> the open, locked file (held until exit)
+
+
+class ResultsInUseError(RuntimeError):
+    """Another run holds the results folder, or made it with another config."""
+
+
+def lock_results(results: str | Path) -> None:
+    """Hold the results folder's lock until this process ends (a killed run releases it).
+
+    A second workflow on the same folder (from any working directory, on this machine or,
+    where the filesystem supports ``flock``, another) is refused, naming the run that holds it.
+    """
+    folder = Path(results).absolute()
+    if str(folder) in _HELD:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.read(fd, 1 << 16).decode(errors="replace")
+        os.close(fd)
+        if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        try:
+            info = json.loads(holder)
+            who = (
+                f"a run from working directory {info['workdir']} (pid {info['pid']} on "
+                f"{info['host']}, started {info['started']})"
+            )
+        except (ValueError, KeyError, TypeError):
+            who = "another run"
+        raise ResultsInUseError(
+            f"results folder {folder} is in use by {who}; wait for it to finish, or give this "
+            f"run another folder (--config results=...)"
+        ) from None
+    os.ftruncate(fd, 0)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    info = {"workdir": os.getcwd(), "pid": os.getpid(), "host": socket.gethostname()}
+    os.write(fd, json.dumps({**info, "started": started}).encode())
+    _HELD[str(folder)] = fd
+
+
+def claim_experiments(results: str | Path, identities: dict[str, str], record: bool = True) -> None:
+    """Record which config made each experiment folder (unless ``record`` is false: a check
+    only); refuse one made by another working directory with another config.
+
+    Snakemake reruns what a changed param affects only from its own working directory's
+    records: a run from elsewhere with another config would find the folder's results
+    complete and finish into it, silently keeping the other config's models.
+    """
+    for name, identity in identities.items():
+        record = Path(results) / name / CONFIG_RECORD
+        here = os.getcwd()
+        try:
+            old = json.loads(record.read_text())
+        except FileNotFoundError:
+            old = None
+        except ValueError:
+            old = None  # damaged: this run's record replaces it
+        if old and old.get("config_sha256") != identity and old.get("workdir") != here:
+            raise ResultsInUseError(
+                f"{record.parent} holds results of experiment {name!r} made with another config "
+                f"(config {str(old.get('config_sha256'))[:12]}, this run's {identity[:12]}) from "
+                f"working directory {old.get('workdir')}; run it from there, give this run "
+                f"another results folder (--config results=...), or delete {record.parent}"
+            )
+        if record and old != {"config_sha256": identity, "workdir": here}:
+            write_json(record, {"config_sha256": identity, "workdir": here})

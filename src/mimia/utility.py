@@ -174,7 +174,7 @@ def heldout_errors(
 ) -> np.ndarray:
     """Per-image masked reconstruction error (the recipe's loss over masked patches, mean over
     ``num_masks`` masks keyed by ``seed`` and the image's key, as extraction draws them)."""
-    from mimia.extract import score_batch
+    from mimia.models.scoring import score_batch
 
     model.eval()
     errors = []

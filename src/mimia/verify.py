@@ -3,9 +3,13 @@
 Every result records the SHA-256 of what it was made from (in Parquet metadata or a model
 sidecar's ``info``): ``manifest_sha256``, ``shard_sha256`` + ``shard_file``,
 ``checkpoint_sha256`` + ``checkpoint_files``, ``inputs_sha256`` and ``target_sha256`` (+
-``target_file``). This re-hashes each recorded input and reports, per artifact, OK or what was
-recorded (and by which file) against what is there now. Only metadata is read to learn what a
-file is; file names are never parsed.
+``target_file``); a model's sidecar records its weights' sha256; and every output of a workflow
+job has a receipt (``.<name>.chain.json``, :mod:`mimia.provenance`) with its own sha256 and its
+inputs'. This re-hashes each result and each recorded input and reports, per artifact, OK or
+what was recorded (and by which file) against what is there now, which code made it (this
+checkout's or other), and the first broken link of the chain (manifest, shards, models,
+per-shard errors, ``errors.parquet``, scores and ROC, ``metrics.json``, summary). Only metadata
+is read to learn what a file is; file names are never parsed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,20 @@ import pyarrow.parquet as pq
 from mimia.provenance import file_sha256
 
 OK, MISMATCH, MISSING, UNREADABLE = "OK", "MISMATCH", "MISSING", "UNREADABLE"
+# Where each rule's outputs sit in the chain from images to metrics: the first broken link is
+# the failing artifact earliest in it (a file without a receipt ranks by what it is).
+CHAIN = (
+    ("manifest",),
+    ("membership", "shard"),
+    ("import_target", "pretrain"),
+    ("adapt_decoder",),
+    ("extract", "embed", "utility"),
+    ("collect_errors",),
+    ("attack",),
+    ("experiment_metrics", "privacy_audit"),
+    ("figures", "reconstructions", "summary", "privacy_utility", "ablation_plot"),
+)
+RANK = {rule: i for i, rules in enumerate(CHAIN) for rule in rules}
 # Columns that make a Parquet table a split manifest.
 MANIFEST_COLUMNS = {"sample_id", "source_index", "role"}
 MANIFEST = "manifest"
@@ -46,8 +64,9 @@ class Finding:
     artifact: str
     status: str = OK
     notes: list[str] = field(default_factory=list)
-
     problems: list[str] = field(default_factory=list)
+    rank: int = len(CHAIN)  # its place in the chain (CHAIN), where known
+    other_code: bool = False  # made by code other than this checkout's
 
     def fail(self, status: str, note: str) -> None:
         # MISSING / UNREADABLE outrank MISMATCH outrank OK.
@@ -67,6 +86,8 @@ class Verifier:
         self.root = root.absolute()
         self.findings: dict[str, Finding] = {}
         self._sha: dict[Path, str] = {}
+        self._code: dict[str, str] = {}
+        self.sidecars: list[tuple[Path, dict]] = []
         self.recorded: set[str] = set()  # artifacts some downstream file records
 
     # -- reporting ---------------------------------------------------------------------------
@@ -98,8 +119,15 @@ class Verifier:
             p
             for ext in ("parquet", "json", "tar", "safetensors")
             for p in self.experiment.rglob(f"*.{ext}")
+            if not p.name.startswith(".") and not self.dangling(p)
         )
+        self.check_links()
+        receipts = sorted(self.experiment.rglob(".*.chain.json"))
+        # The summary's receipts sit beside the experiment folders; they record its metrics.
+        receipts += sorted(self.experiment.parent.glob(".*.chain.json"))
         claims: list[Claim] = []
+        for receipt in receipts:
+            claims += self.read_receipt(receipt)
         manifests: dict[Path, tuple[str, dict[str, tuple]]] = {}
         for path in files:
             if path.suffix == ".parquet":
@@ -109,8 +137,12 @@ class Verifier:
         for path in files:
             if path.suffix == ".safetensors":
                 self.check_safetensors(path)
+                self.finding(path).rank = min(self.finding(path).rank, RANK["pretrain"])
             elif path.suffix == ".tar":
                 self.check_tar(path, manifests)
+                self.finding(path).rank = min(self.finding(path).rank, RANK["shard"])
+        for path, sidecar in self.sidecars:
+            self.check_sidecar_weights(path, sidecar)
         by_target: dict[str, list[Claim]] = defaultdict(list)
         for claim in claims:
             by_target[claim.target].append(claim)
@@ -136,7 +168,9 @@ class Verifier:
             return []
         raw = schema.metadata or {}
         meta = {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW")}
+        self.note_code(self.finding(path), meta.get("code_stage"), meta.get("code_sha256"), meta)
         if MANIFEST_COLUMNS <= set(schema.names):
+            self.finding(path).rank = RANK["manifest"]
             self.read_manifest(path, meta, manifests)
             return []
         return list(claims_from(meta, path))
@@ -181,11 +215,138 @@ class Verifier:
             return []
         if not isinstance(obj, dict):
             return []
+        if "spec" in obj and "weights_sha256" in obj:
+            self.check_sidecar(path, obj)
         out = []
         for section in (obj, obj.get("info"), obj.get("metadata")):
             if isinstance(section, dict):
                 out += claims_from(section, path)
         return out
+
+    def dangling(self, path: Path) -> bool:
+        return path.is_symlink() and not path.exists()
+
+    def check_links(self) -> None:
+        """A link whose target is gone: a result fetched from a between-workflow cache whose
+        entry (or the whole cache) has been removed since."""
+        for folder, _, names in os.walk(self.experiment):
+            for name in names:
+                path = Path(folder) / name
+                if self.dangling(path):
+                    self.finding(path).fail(
+                        MISSING,
+                        f"a link to {os.readlink(path)}, which does not exist (a cache entry "
+                        f"removed, or SNAKEMAKE_OUTPUT_CACHE moved); rerun the workflow to make "
+                        f"it again",
+                    )
+
+    def read_receipt(self, receipt: Path) -> list[Claim]:
+        """A workflow job's receipt: the file must still have the sha256 it was written with,
+        and its inputs are claims like any recorded hash."""
+        try:
+            record = json.loads(receipt.read_text())
+            name = record["file"]
+            if not isinstance(record["sha256"], str):
+                raise TypeError("its sha256 is not a string")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            self.finding(receipt).fail(UNREADABLE, f"not a readable receipt ({err})")
+            return []
+        path = receipt.parent / name
+        if not path.exists() and not path.is_symlink():
+            return []  # a result deleted on purpose: its receipt says nothing now
+        if not self.is_under(path) and not self.records_here(record):
+            return []  # the summary of other experiments only
+        rule = str(record.get("rule"))
+        f = self.finding(path)
+        f.rank = min(f.rank, RANK.get(rule, len(CHAIN)))
+        self.recorded_receipt(f, path, record, rule)
+        self.note_code(f, record.get("code_stage"), record.get("code_sha256"), record)
+        inputs = record.get("inputs_sha256") or {}
+        return [Claim(path, str(p), h, f"inputs_sha256 ({rule})") for p, h in inputs.items()]
+
+    def is_under(self, path: Path) -> bool:
+        return path.absolute().is_relative_to(self.experiment)
+
+    def records_here(self, record: dict) -> bool:
+        return any(
+            (r := self.resolve(str(p))) is not None and self.is_under(r)
+            for p in (record.get("inputs_sha256") or {})
+        )
+
+    def recorded_receipt(self, f: Finding, path: Path, record: dict, rule: str) -> None:
+        if self.dangling(path):
+            return  # check_links says so
+        try:
+            digest = self.sha(path)
+        except OSError as err:
+            f.fail(UNREADABLE, f"cannot read it ({err})")
+            return
+        if digest != record["sha256"]:
+            f.fail(
+                MISMATCH,
+                f"rule {rule} wrote it with sha256 {record['sha256']}, found {digest}: changed "
+                f"after it was written",
+            )
+        else:
+            f.notes.append(f"as rule {rule} wrote it")
+
+    def note_code(self, f: Finding, stage: Any, code: Any, record: Mapping) -> None:
+        """Whether the code that made ``f`` is this checkout's (the stage's code hash now)."""
+        if not isinstance(stage, str) or not isinstance(code, str) or "code:" in " ".join(f.notes):
+            return
+        try:
+            now = self.code_now(stage)
+        except (OSError, ValueError, SyntaxError):
+            now = None
+        if code == now:
+            f.notes.append("code: this checkout's")
+        else:
+            f.other_code = True
+            f.notes.append(
+                f"code: other than this checkout's ({stage} code {code[:12]}, now "
+                f"{(now or 'unknown')[:12]}; made at {record.get('commit', 'unknown commit')})"
+            )
+
+    def code_now(self, stage: str) -> str:
+        from mimia.provenance import code_identity
+
+        if stage not in self._code:
+            self._code[stage] = code_identity(stage)
+        return self._code[stage]
+
+    def check_sidecar(self, path: Path, sidecar: dict) -> None:
+        """A model's sidecar: unedited, and its weights still the ones it was written with."""
+        import hashlib
+
+        f = self.finding(path)
+        f.rank = min(f.rank, RANK["pretrain"])
+        rest = {k: v for k, v in sidecar.items() if k != "sidecar_sha256"}
+        if (
+            sidecar.get("sidecar_sha256")
+            != hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+        ):
+            f.fail(MISMATCH, "edited after it was written (its sidecar_sha256 does not match)")
+        prov = sidecar.get("provenance") or {}
+        self.note_code(f, prov.get("code_stage"), prov.get("code_sha256"), prov)
+        self.sidecars.append((path, sidecar))
+
+    def check_sidecar_weights(self, path: Path, sidecar: dict) -> None:
+        """The weights beside a sidecar still have the sha256 it recorded (after their
+        structure is checked: a truncated file is reported as such, not as a mismatch)."""
+        prov = sidecar.get("provenance") or {}
+        weights = path.with_suffix(".safetensors")
+        if not weights.exists() or self.finding(weights).status == UNREADABLE:
+            return
+        w = self.finding(weights)
+        self.recorded.add(w.artifact)
+        digest = self.sha(weights)
+        if digest != sidecar["weights_sha256"]:
+            w.fail(
+                MISMATCH,
+                f"weights_sha256 recorded {sidecar['weights_sha256']} by {self.show(path)} when "
+                f"written, found {digest}",
+            )
+        self.note_code(w, prov.get("code_stage"), prov.get("code_sha256"), prov)
 
     def check_manifest_claims(self, claims: list[Claim], manifests: dict) -> None:
         if not manifests:
@@ -287,25 +448,36 @@ class Verifier:
         except (OSError, tarfile.TarError, ValueError) as err:
             f.fail(UNREADABLE, f"not a readable tar shard ({err})")
             return
-        if len(manifests) != 1:
+        if not manifests:
+            f.fail(MISSING, f"no manifest in {self.show(self.experiment)} to check its samples by")
             return
-        expected = next(iter(manifests.values()))[1]
+        # With several manifests (a stray copy), the shard must agree with one of them.
+        results = sorted(
+            ((self.disagreements(rows, m[1]), path) for path, m in manifests.items()),
+            key=lambda r: len(r[0]),
+        )
+        bad, against = results[0]
+        which = f" (manifest {self.show(against)})" if len(manifests) > 1 else ""
+        if bad:
+            sid, role, want = bad[0]
+            what = "is not in the manifest" if want is None else f"manifest says {want[0]!r}"
+            f.fail(
+                MISMATCH,
+                f"{len(bad)} of {len(rows)} samples disagree with the manifest{which}, e.g. "
+                f"{sid!r} (role {role!r} in the shard) {what}",
+            )
+        else:
+            f.notes.append(f"{len(rows)} samples agree with the manifest{which}")
+
+    @staticmethod
+    def disagreements(rows: list, expected: dict) -> list:
         bad = []
         for sid, row in rows:
             want = expected.get(sid)
             got = tuple(row.get(c) for c in ("role", "key", "content_sha256"))[: len(want or ())]
             if want is None or got != tuple(want):
                 bad.append((sid, row.get("role"), want))
-        if bad:
-            sid, role, want = bad[0]
-            what = "is not in the manifest" if want is None else f"manifest says {want[0]!r}"
-            f.fail(
-                MISMATCH,
-                f"{len(bad)} of {len(rows)} samples disagree with the manifest, e.g. "
-                f"{sid!r} (role {role!r} in the shard) {what}",
-            )
-        else:
-            f.notes.append(f"{len(rows)} samples agree with the manifest")
+        return bad
 
 
 def tar_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -341,6 +513,8 @@ def claims_from(meta: Mapping[str, Any], recorder: Path) -> Iterator[Claim]:
     if meta.get("shard_sha256") and meta.get("shard_file"):
         yield Claim(recorder, str(meta["shard_file"]), meta["shard_sha256"], "shard_sha256")
     shas, paths = _as_dict(meta.get("checkpoint_sha256")), _as_dict(meta.get("checkpoint_files"))
+    if isinstance(shas, str):  # one model, no path recorded (the utility probes' record)
+        yield Claim(recorder, ANY_CHECKPOINT, shas, "checkpoint_sha256")
     if isinstance(shas, dict) and isinstance(paths, dict):
         for name, sha in shas.items():
             if name in paths:
@@ -365,7 +539,15 @@ def verify(experiment: str | Path, root: str | Path | None = None) -> tuple[int,
         return 2, [f"{experiment} holds no results (.parquet, .json, .tar, .safetensors)"]
     lines = [f.line() for f in findings]
     counts = {s: sum(f.status == s for f in findings) for s in (OK, MISMATCH, MISSING, UNREADABLE)}
-    lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    other = sum(f.other_code for f in findings)
+    if other:
+        summary += f"; {other} made by code other than this checkout's"
+    lines.append(summary)
+    broken = [f for f in findings if f.status != OK]
+    if broken:
+        first = min(broken, key=lambda f: (f.rank, f.artifact))
+        lines.append(f"first broken link: {first.artifact} ({first.status})")
     if counts[MISSING] or counts[UNREADABLE]:
         return 2, lines
     return (1 if counts[MISMATCH] else 0), lines

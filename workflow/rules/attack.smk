@@ -20,6 +20,7 @@ rule attack:
         mem_mb=4000,
         runtime=30,
     params:
+        code=code_identity("attack"),
         decoder="{decoder}",
         attack="{attack}",
         params=from_exp(attack_entry),

@@ -1,29 +1,48 @@
 # Experiments, paths, params and input functions shared by every stage. Torch-free: reading
-# the workflow (the DAG build, every cluster job) imports only the config layer.
+# the workflow (the DAG build, every cluster job) imports only the config layer. Every rule's
+# `code` param is the hash of the code its stage runs (mimia.provenance.code_identity): a code
+# change reruns what it affects, and the between-workflow cache keys on it.
+import hashlib
+import json
 import re
-from pathlib import Path
 
 from mimia.attacks import requires_embeddings
-from mimia.config import attack_kind, model_spec, resolve_experiments, section
+from mimia.config import (
+    attack_kind,
+    canonical,
+    describe,
+    model_pretrain,
+    model_spec,
+    resolve_experiments,
+    results_folder,
+    section,
+    train_params,
+)
 from mimia.data.sources import source_fingerprint
-from mimia.defenses import describe, model_pretrain
+from mimia.usage import usage_attacks
 from mimia.layout import (
-    REFERENCE_DECODER,
+    ADAPTED_TARGET,
+    DECODER_MODES,
+    IMPORTED_TARGET,
+    OWN_DECODER,
+    PAPER_SHADOW,
     ROLES,
+    TARGET,
     SHADOW_ROLES,
     TARGET_ROLES,
     Layout,
     shard_count,
     shadow_models,
 )
+from mimia.provenance import code_identity
+from mimia.storage import claim_experiments, lock_results, seal_links
 
-EXPERIMENTS = resolve_experiments(
-    config, Path(workflow.basedir) / "workflow" / "schemas"
-)
-RESULTS = config["results"]
+RESULTS = results_folder(config["results"])
+EXPERIMENTS = resolve_experiments(config)
 EXP = f"{RESULTS}/{{experiment}}"
 LOGS = f"{RESULTS}/logs/{{experiment}}"
 BENCH = f"{RESULTS}/benchmarks/{{experiment}}"
+SOURCE_DIGESTS = f"{RESULTS}/.source-digests.json"
 PATTERN = Layout(RESULTS, "{experiment}")
 STAGE = "../scripts/stage.py"
 ENV = "../../envs/mimia.yaml"
@@ -33,8 +52,8 @@ wildcard_constraints:
     experiment="|".join(map(re.escape, EXPERIMENTS)),
     role="|".join(ROLES),
     shard=r"\d{6}",
-    model=r"target|shadow\d+",
-    decoder="released|shadow|adapted",
+    model=rf"{TARGET}|shadow\d+",
+    decoder="|".join(DECODER_MODES),
     attack="|".join(
         sorted({re.escape(a) for e in EXPERIMENTS.values() for a in e["attacks"]})
     ),
@@ -72,18 +91,16 @@ def shard_files(experiment, roles):
 # -- models -------------------------------------------------------------------------------------
 def target_weights(experiment):
     imported = EXPERIMENTS[experiment]["target"]["checkpoint"]
-    return Layout(RESULTS, experiment).weights(
-        "target-imported" if imported else "target"
-    )
+    return Layout(RESULTS, experiment).weights(IMPORTED_TARGET if imported else TARGET)
 
 
 def pretrain_inputs(wildcards):
     e, model = wildcards.experiment, wildcards.model
     lay = Layout(RESULTS, e)
-    if model == "target":
+    if model == TARGET:
         return {"manifest": lay.manifest, "shards": shard_files(e, ["target_member"])}
-    # shadow0 is the paper's shadow model, trained on shadow_member whatever the mode.
-    online = EXPERIMENTS[e]["shadow"]["online"] and model != "shadow0"
+    # The paper's shadow model trains on shadow_member whatever the mode.
+    online = EXPERIMENTS[e]["shadow"]["online"] and model != PAPER_SHADOW
     roles = list(SHADOW_ROLES) + (list(TARGET_ROLES) if online else [])
     return {
         "manifest": lay.manifest,
@@ -97,7 +114,7 @@ def adapt_inputs(wildcards):
     lay = Layout(RESULTS, e)
     return {
         "target": target_weights(e),
-        "shadow": lay.weights("shadow0"),
+        "shadow": lay.weights(PAPER_SHADOW),
         "manifest": lay.manifest,
         "shards": shard_files(e, SHADOW_ROLES),
     }
@@ -107,15 +124,15 @@ def scoring_checkpoints(wildcards):
     """Checkpoints that make up the scoring model of (model, decoder)."""
     e, decoder = wildcards.experiment, wildcards.decoder
     lay = Layout(RESULTS, e)
-    model = getattr(wildcards, "model", "target")
-    if model != "target":
+    model = getattr(wildcards, "model", TARGET)
+    if model != TARGET:
         return {"checkpoint": lay.weights(model)}
     if decoder == "adapted":
-        return {"checkpoint": lay.weights("target-adapted")}
+        return {"checkpoint": lay.weights(ADAPTED_TARGET)}
     if decoder == "shadow":
         return {
             "checkpoint": target_weights(e),
-            "shadow_decoder": lay.weights("shadow0"),
+            "shadow_decoder": lay.weights(PAPER_SHADOW),
         }
     return {"checkpoint": target_weights(e)}
 
@@ -126,10 +143,8 @@ def error_files(experiment):
     on the target roles, every shadow model with its own decoder on every role."""
     e = EXPERIMENTS[experiment]
     lay = Layout(RESULTS, experiment)
-    scored = [("target", d, TARGET_ROLES) for d in e["decoder"]]
-    scored += [
-        (m, REFERENCE_DECODER, ROLES) for m in shadow_models(e["shadow"]["count"])
-    ]
+    scored = [(TARGET, d, TARGET_ROLES) for d in e["decoder"]]
+    scored += [(m, OWN_DECODER, ROLES) for m in shadow_models(e["shadow"]["count"])]
     return [
         lay.errors(model, decoder, role, i)
         for model, decoder, roles in scored
@@ -152,7 +167,7 @@ def attack_inputs(wildcards):
     }
     kind = attack_kind(attack_entry(e, wildcards), wildcards.attack)
     if requires_embeddings(kind):
-        inputs["embeddings"] = [lay.embeddings(m) for m in ("target", "shadow0")]
+        inputs["embeddings"] = [lay.embeddings(m) for m in (TARGET, PAPER_SHADOW)]
     return inputs
 
 
@@ -165,7 +180,8 @@ def attack_outputs(experiment, kind):
 
 def pretrain_devices(wc):
     """Processes (one per GPU) that train ``wc.model`` together; the job asks for as many
-    GPUs (``gpu`` per device) and cores."""
+    GPUs (``gpu`` per device) and cores. DP-SGD runs in one process: the config refuses
+    ``devices`` above 1 with ``dp``, so no job reserves GPUs it cannot use."""
     return model_pretrain(EXPERIMENTS[wc.experiment], wc.model)["devices"]
 
 
@@ -205,3 +221,57 @@ def final_outputs():
         outputs += [f"{root}/metrics.json", f"{root}/roc.png"]
         outputs += [f"{root}/figures/reconstructions-{d}.png" for d in e["decoder"]]
     return outputs
+
+
+# -- one run per results folder -----------------------------------------------------------------
+def config_identity(e):
+    """What an experiment's results depend on: its config less the rerun-free runtime."""
+    settings = canonical({k: v for k, v in e.items() if k != "runtime"})
+    return hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()
+
+
+def claim_results(record):
+    """Check (and with ``record``, write) each experiment folder's config record."""
+    identities = {name: config_identity(e) for name, e in EXPERIMENTS.items()}
+    claim_experiments(RESULTS, identities, record=record)
+
+
+def start_run():
+    """Hold the results folder for this run (mimia.storage.lock_results), record each
+    experiment's config there, and seal cache entries that earlier runs linked."""
+    lock_results(RESULTS)
+    claim_results(record=True)
+    seal_links(RESULTS)
+
+
+# Checked when the workflow is read too: a run that finds "nothing to be done" never starts,
+# and would otherwise accept another config's results as its own.
+if workflow.is_main_process:
+    claim_results(record=False)
+
+
+# -- dataset usage inference --------------------------------------------------------------------
+def usage_pairs(experiment):
+    e = EXPERIMENTS[experiment]
+    return [[d, a] for d in e["decoder"] for a in usage_attacks(e, experiment)]
+
+
+def usage_inputs(wildcards):
+    e = EXPERIMENTS[wildcards.experiment]
+    lay = Layout(RESULTS, wildcards.experiment)
+    return {
+        "errors": lay.all_errors,
+        "manifest": lay.manifest,
+        "membership": [lay.membership(m) for m in shadow_models(e["shadow"]["count"])],
+        "scores": [
+            lay.attack(d, a, "scores") for d, a in usage_pairs(wildcards.experiment)
+        ],
+    }
+
+
+def usage_outputs():
+    return [
+        f"{RESULTS}/{name}/usage.json"
+        for name, e in EXPERIMENTS.items()
+        if e["usage"]["enabled"]
+    ]

@@ -18,11 +18,16 @@ rule manifest:
         mem_mb=4000,
         runtime=30,
     params:
+        code=code_identity("manifest"),
         dataset=from_exp(lambda e, wc: section(e, "dataset", drop=["img_size"])),
         split=from_exp(lambda e, wc: section(e, "split", drop=["shard_size"])),
         seed=from_exp(lambda e, wc: e["seed"]),
-        # The source's file listing: adding, removing or replacing an image reruns the split.
-        source_fingerprint=from_exp(lambda e, wc: source_fingerprint(e["dataset"])),
+        # The source's files: adding, removing or replacing an image reruns the split; a
+        # touch or copy (same bytes) does not. Digests of unchanged files are kept between
+        # DAG builds.
+        source_fingerprint=from_exp(
+            lambda e, wc: source_fingerprint(e["dataset"], SOURCE_DIGESTS)
+        ),
     script:
         STAGE
 
@@ -42,9 +47,12 @@ rule membership:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_identity("membership"),
         model="{model}",
         seed=from_exp(lambda e, wc: e["seed"]),
-        online=from_exp(lambda e, wc: e["shadow"]["online"] and wc.model != "shadow0"),
+        online=from_exp(
+            lambda e, wc: e["shadow"]["online"] and wc.model != PAPER_SHADOW
+        ),
     script:
         STAGE
 
@@ -65,6 +73,7 @@ rule shard:
         mem_mb=4000,
         runtime=60,
     params:
+        code=code_identity("shard"),
         dataset=from_exp(lambda e, wc: section(e, "dataset")),
         shard_size=from_exp(lambda e, wc: e["split"]["shard_size"]),
         role="{role}",

@@ -22,6 +22,7 @@ rule utility:
         mem_mb=4000,
         runtime=30,
     params:
+        code=code_identity("utility"),
         dataset=from_exp(lambda e, wc: section(e, "dataset")),
         utility=from_exp(lambda e, wc: section(e, "utility")),
         seed=from_exp(lambda e, wc: e["seed"]),
@@ -49,6 +50,7 @@ rule privacy_audit:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_identity("privacy_audit"),
         audit=from_exp(lambda e, wc: section(e, "audit", drop=["enabled"])),
         experiment=lambda wc: wc.experiment,
     script:
@@ -84,6 +86,7 @@ rule privacy_utility:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_identity("privacy_utility"),
         settings={name: describe(EXPERIMENTS[name]) for name in audited_experiments()},
     script:
         STAGE

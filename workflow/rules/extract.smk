@@ -22,6 +22,7 @@ rule extract:
         runtime=120,
         gpu=config["gpu"],
     params:
+        code=code_identity("extract"),
         model="{model}",
         decoder="{decoder}",
         seed=from_exp(lambda e, wc: e["seed"]),
@@ -46,6 +47,8 @@ rule collect_errors:
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        code=code_identity("collect_errors"),
     script:
         STAGE
 
@@ -54,7 +57,7 @@ rule embed:
     input:
         checkpoint=lambda wc: (
             target_weights(wc.experiment)
-            if wc.model == "target"
+            if wc.model == TARGET
             else layout(wc).weights(wc.model)
         ),
         shards=lambda wc: shard_files(wc.experiment, ROLES),
@@ -73,6 +76,7 @@ rule embed:
         runtime=120,
         gpu=config["gpu"],
     params:
+        code=code_identity("embed"),
         model="{model}",
         seed=from_exp(lambda e, wc: e["seed"]),
         num_views=from_exp(lambda e, wc: e["embed"]["num_views"]),

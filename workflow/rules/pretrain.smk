@@ -25,9 +25,11 @@ rule pretrain:
         runtime=240,
         gpu=lambda wc: config["gpu"] * pretrain_devices(wc),
     params:
+        code=code_identity("pretrain"),
         model="{model}",
         spec=from_exp(lambda e, wc: model_spec(e).to_dict()),
-        train=from_exp(lambda e, wc: model_pretrain(e, wc.model)),
+        # Without checkpoint_every: the job reads it itself, so changing it reruns nothing.
+        train=from_exp(lambda e, wc: train_params(model_pretrain(e, wc.model))),
         seed=from_exp(lambda e, wc: e["seed"]),
     script:
         STAGE
@@ -38,7 +40,7 @@ rule import_target:
         checkpoint=lambda wc: EXPERIMENTS[wc.experiment]["target"]["checkpoint"],
     output:
         multiext(
-            f"{EXP}/models/target-imported/model",
+            f"{EXP}/models/{IMPORTED_TARGET}/model",
             weights=".safetensors",
             sidecar=".json",
         ),
@@ -53,9 +55,11 @@ rule import_target:
         mem_mb=8000,
         runtime=30,
     params:
+        code=code_identity("import_target"),
         format=from_exp(lambda e, wc: e["target"]["format"]),
         spec=from_exp(lambda e, wc: model_spec(e).to_dict()),
-        needs_decoder=from_exp(lambda e, wc: "released" in e["decoder"]),
+        needs_decoder=from_exp(lambda e, wc: OWN_DECODER in e["decoder"]),
+        stated=from_exp(lambda e, wc: e["target"].get("stated")),
     script:
         STAGE
 
@@ -65,7 +69,7 @@ rule adapt_decoder:
         unpack(adapt_inputs),
     output:
         multiext(
-            f"{EXP}/models/target-adapted/model",
+            f"{EXP}/models/{ADAPTED_TARGET}/model",
             weights=".safetensors",
             sidecar=".json",
             train_log=".train_log.parquet",
@@ -82,7 +86,8 @@ rule adapt_decoder:
         runtime=120,
         gpu=lambda wc: config["gpu"] * adapt_devices(wc),
     params:
-        train=from_exp(lambda e, wc: section(e, "adapt")),
+        code=code_identity("adapt_decoder"),
+        train=from_exp(lambda e, wc: train_params(e["adapt"])),
         seed=from_exp(lambda e, wc: e["seed"]),
     script:
         STAGE

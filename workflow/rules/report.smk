@@ -27,6 +27,7 @@ rule reconstructions:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_identity("reconstructions"),
         decoder="{decoder}",
         seed=from_exp(lambda e, wc: e["seed"]),
         mask_ratio=from_exp(lambda e, wc: e["extract"]["mask_ratios"][0]),
@@ -52,6 +53,7 @@ rule experiment_metrics:
         mem_mb=1000,
         runtime=10,
     params:
+        code=code_identity("experiment_metrics"),
         experiment="{experiment}",
         seed=from_exp(lambda e, wc: e["seed"]),
         ablation=from_exp(lambda e, wc: e.get("ablation")),
@@ -95,6 +97,7 @@ rule figures:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_identity("figures"),
         experiment="{experiment}",
         seed=from_exp(lambda e, wc: e["seed"]),
     script:
@@ -122,6 +125,8 @@ rule summary:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        code=code_identity("summary"),
     script:
         STAGE
 
@@ -147,6 +152,7 @@ rule ablation_plot:
         mem_mb=1000,
         runtime=10,
     params:
+        code=code_identity("ablation_plot"),
         ablation="{ablation}",
     script:
         STAGE

@@ -8,7 +8,8 @@ Variants (``variant``):
 
 * ``"vector"`` (EncoderMI-V): a classifier on the similarities sorted ascending (sorting makes
   the vector independent of the arbitrary order of views), trained on the shadow encoder's
-  members vs non-members; score = member probability.
+  members vs non-members; score = member log-odds (logreg) or probability (mlp), as in
+  ``classifier``.
 * ``"threshold"`` (EncoderMI-T): score = mean similarity; the threshold is the one that best
   separates shadow members from non-members.
 * ``"set"`` (EncoderMI-S): the paper feeds the similarities as a *set* to a permutation
@@ -25,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from mimia.attacks.base import Attack, check_choice, check_int, register
-from mimia.attacks.classifier import CLASSIFIERS, make_classifier
+from mimia.attacks.classifier import CLASSIFIERS, make_classifier, member_scores
 from mimia.attacks.data import Observations
 
 VARIANTS = ("vector", "threshold", "set")
@@ -89,8 +90,7 @@ class EncoderMI(Attack):
                 f"{self.name} (vector) was fitted on {self.num_pairs_} similarities per "
                 f"sample but got {sim.shape[1]}; the set variant accepts any number"
             )
-        member_col = list(self.pipeline_.classes_).index(True)
-        return self.pipeline_.predict_proba(self._features(sim))[:, member_col]
+        return member_scores(self.pipeline_, self._features(sim), self.model)
 
 
 # The fixed-variant names configs use. Their constructors take only the parameters that

@@ -30,11 +30,10 @@ import polars as pl
 
 from mimia.attacks.data import PARTS, Observations
 from mimia.data.splits import ROLES, SHADOW_ROLES, TARGET_ROLES
+from mimia.layout import OWN_DECODER, PAPER_SHADOW, TARGET
 
-REFERENCE_DECODER = "released"
-"""Shadow (reference) models are always scored with their own decoder."""
-FIT_MODEL = "shadow0"
-AUDIT_MODEL = "target"
+FIT_MODEL = PAPER_SHADOW
+AUDIT_MODEL = TARGET
 ERROR_COLUMNS = ("sample_id", "model", "decoder", "mask_ratio", "mask_index", "error")
 _SHADOW = re.compile(r"shadow(\d+)")
 
@@ -88,7 +87,7 @@ def build_inputs(
     refs_fit = [m for m in shadows if m != FIT_MODEL]
     return AttackData(
         X_fit=observations(
-            errors, FIT_MODEL, REFERENCE_DECODER, fit_ids, refs_fit, membership, needs, embeddings
+            errors, FIT_MODEL, OWN_DECODER, fit_ids, refs_fit, membership, needs, embeddings
         ),
         y_fit=y_fit,
         X_audit=observations(
@@ -128,10 +127,8 @@ def observations(
         table = membership if membership is not None else _EMPTY_MEMBERSHIP
         cubes, ins = [], []
         for ref in reference_models:
-            what = f"reference model {ref!r} (decoder {REFERENCE_DECODER!r})"
-            cubes.append(
-                _cube(_rows(errors, ref, REFERENCE_DECODER, ids), ids, ratios, masks, what)
-            )
+            what = f"reference model {ref!r} (decoder {OWN_DECODER!r})"
+            cubes.append(_cube(_rows(errors, ref, OWN_DECODER, ids), ids, ratios, masks, what))
             is_in = _lookup(table.filter(pl.col("model") == ref), "is_in")
             ins.append(np.array([is_in.get(s, False) for s in ids], dtype=bool))
         shape = (0, *parts["errors"].shape)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,14 +98,12 @@ def shard_dataset(paths: Sequence[str | Path]) -> wds.WebDataset:
     return wds.WebDataset(urls, shardshuffle=False, empty_check=False).map(_decode)
 
 
-def iter_shards(paths: Sequence[str | Path]) -> Iterator[tuple[str, torch.Tensor, str]]:
-    yield from shard_dataset(paths)
-
-
 def load_images(paths: Sequence[str | Path], sample_ids: set[str] | None = None):
     """Read shards into memory: sorted sample ids and a uint8 tensor ``[N, 3, H, W]``."""
     items = [
-        (sid, img) for sid, img, _ in iter_shards(paths) if sample_ids is None or sid in sample_ids
+        (sid, img)
+        for sid, img, _ in shard_dataset(paths)
+        if sample_ids is None or sid in sample_ids
     ]
     if sample_ids is not None and len(items) != len(sample_ids):
         found = {sid for sid, _ in items}

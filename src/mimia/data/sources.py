@@ -9,10 +9,13 @@ images directly in ``<root>`` get label -1; names starting with ``.`` are skippe
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import json
 import operator
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,9 +227,18 @@ def _walk_images(root: Path) -> list[tuple[str, os.DirEntry]]:
             # Sorting each folder's names, depth first, gives the order of the whole paths.
             entries = sorted((e for e in it if not e.name.startswith(".")), key=by_name)
         for entry in entries:
-            if entry.is_dir():
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+                if entry.is_symlink() and not (is_dir or is_file):
+                    os.stat(entry.path)  # raises for a dangling link or a loop
+            except OSError as err:
+                # A link that leads nowhere holds no image: skipped, said once per listing.
+                why = "a symbolic link loop" if err.errno == errno.ELOOP else "a dangling link"
+                print(f"image folder {root}: skipping {prefix}{entry.name}: {why}", file=sys.stderr)
+                continue
+            if is_dir:
                 walk(entry.path, f"{prefix}{entry.name}/")
-            elif entry.name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file():
+            elif entry.name.lower().endswith(IMAGE_SUFFIXES) and is_file:
                 found.append((prefix + entry.name, entry))
 
     walk(str(root), "")
@@ -301,40 +313,89 @@ def _webdataset(urls: str | list[str] | None, keys: Sequence[str] | None) -> Ima
     )
 
 
-def source_fingerprint(dataset: dict[str, Any]) -> str:
-    """A cheap SHA-256 of the source's listing: changes when files are added, removed or
-    replaced (paths, sizes and modification times; no image is read)."""
+def source_fingerprint(dataset: dict[str, Any], digest_cache: str | Path | None = None) -> str:
+    """SHA-256 of the source's files: their paths (under the source's root), sizes and byte
+    contents, so adding, removing or replacing an image changes it and a ``touch`` or
+    ``cp -r`` of the folder (same bytes, new times) does not.
+
+    ``digest_cache``, a JSON file, keeps each file's digest with its size, modification time
+    and inode: a later call reads only the files that changed since (the workflow passes one
+    under the results folder, as it fingerprints the source at every DAG build).
+    A torchvision dataset whose folder is missing is refused unless ``download`` is set.
+    """
     name = dataset["name"]
     h = hashlib.sha256(f"{name}\n".encode())
+    cache = _DigestCache(digest_cache)
     if name == "digits":
         from importlib.metadata import version
 
         h.update(f"scikit-learn {version('scikit-learn')}".encode())
     elif name == "image_folder":
         root = _existing(dataset.get("path"), name)
-        lines = []
         for key, entry in _walk_images(root):
-            st = entry.stat()
-            lines.append(f"{key}\t{st.st_size}\t{st.st_mtime_ns}")
-        h.update("\n".join(lines).encode())
+            h.update(f"{key}\t{cache.digest(entry.path, entry.stat())}\n".encode())
     elif name in TORCHVISION_FOLDERS:
         folder = Path(dataset.get("path") or "data") / TORCHVISION_FOLDERS[name]
+        if not folder.is_dir() and not dataset.get("download"):
+            raise FileNotFoundError(
+                f"dataset {name!r}: {folder} does not exist; put the torchvision-format files "
+                f"under path {dataset.get('path') or 'data'!r} or set download: true"
+            )
         h.update(f"split {dataset.get('split', 'train')}\n".encode())
         for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
             if path.is_file():
-                st = path.stat()
                 rel = path.relative_to(folder).as_posix()
-                h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+                h.update(f"{rel}\t{cache.digest(str(path), path.stat())}\n".encode())
     elif name == "webdataset":
         for url in _shard_urls(dataset.get("urls") or dataset.get("path")):
             h.update(url.encode())
             if os.path.isfile(url):
-                st = os.stat(url)
-                h.update(f"\t{st.st_size}\t{st.st_mtime_ns}".encode())
+                h.update(f"\t{cache.digest(url, os.stat(url))}".encode())
             h.update(b"\n")
     else:
         raise ValueError(f"unknown dataset {name!r}; expected one of {SOURCES}")
+    cache.save()
     return h.hexdigest()
+
+
+class _DigestCache:
+    """``size:sha256`` of files by absolute path, reused while size, mtime and inode hold."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = None if path is None else Path(path)
+        self.entries: dict[str, list] = {}
+        self.changed = False
+        if self.path is not None and self.path.is_file():
+            try:
+                entries = json.loads(self.path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                entries = {}  # a damaged cache is only slower: every file is read again
+            self.entries = entries if isinstance(entries, dict) else {}
+
+    def digest(self, path: str, st: os.stat_result) -> str:
+        key = os.path.abspath(path)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+        entry = self.entries.get(key)
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == stamp:
+            return entry[1]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        value = f"{st.st_size}:{h.hexdigest()}"
+        if self.path is not None:
+            self.entries[key], self.changed = [stamp, value], True
+        return value
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        from mimia.storage import write_json
+
+        try:
+            write_json(self.path, self.entries)
+        except OSError as err:  # only a cache: the next call reads the files again
+            print(f"cannot save file digests to {self.path}: {err}", file=sys.stderr)
 
 
 def _shard_urls(urls: str | list[str] | None) -> list[str]:

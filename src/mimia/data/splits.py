@@ -234,21 +234,3 @@ def shadow_membership(
             is_in[rng.permutation(len(ids))[: len(ids) // 2]] = True
         frames.append(pl.DataFrame({"sample_id": ids, "model": f"shadow{m}", "is_in": is_in}))
     return pl.concat(frames)
-
-
-def training_ids(model: str, manifest: pl.DataFrame, membership: pl.DataFrame) -> set[str]:
-    """The sample ids a model trains on: ``target_member`` for the target, else the shadow's."""
-    if model == "target":
-        return set(manifest.filter(pl.col("role") == "target_member")["sample_id"])
-    rows = membership.filter((pl.col("model") == model) & pl.col("is_in"))
-    if rows.is_empty():
-        raise ValueError(f"model {model!r} has no training samples in the shadow membership table")
-    return set(rows["sample_id"])
-
-
-def membership_lookup(
-    model: str, manifest: pl.DataFrame, membership: pl.DataFrame
-) -> dict[str, bool]:
-    """``sample_id -> is_member`` of every manifest sample with respect to ``model``."""
-    ids = training_ids(model, manifest, membership)
-    return {sid: sid in ids for sid in manifest["sample_id"]}

@@ -39,6 +39,7 @@ Pickled files (``.pth``, ``.bin``, ``.pt``, ``.ckpt``) are read only through
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import pickle
@@ -68,13 +69,14 @@ from mimia.models.spec import (
     spec_differences,
     spec_from_fields,
 )
-from mimia.provenance import file_sha256
+from mimia.provenance import InputChangedError, file_sha256, job_record, shown
 from mimia.storage import atomic_path
 
 __all__ = [
     "FORMATS",
     "SAFE_CONTAINERS",
     "CheckpointRefusedError",
+    "check_weights",
     "file_sha256",
     "hf_spec",
     "import_checkpoint",
@@ -142,14 +144,59 @@ class CheckpointRefusedError(ValueError):
 
 # -- mimia's own format ------------------------------------------------------------------------
 def save_model(model: MIMModel, weights: str | Path, info: dict[str, Any] | None = None) -> None:
-    """Write weights and sidecar atomically; the sidecar lands first, so weights imply it."""
+    """Write weights and sidecar atomically; the sidecar lands first, so weights imply it.
+
+    The sidecar records the weights' sha256 and, in a workflow job, the job's code hash,
+    commit and input hashes (the training shards'); ``sidecar_sha256`` covers the rest of
+    the sidecar, so an edit to either file is found (:func:`check_weights`).
+    """
     weights = Path(weights)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    sidecar = {"spec": model.spec.to_dict(), "info": info or {}}
     with atomic_path(weights) as tmp_w:
         save_file(state, str(tmp_w))
+        sidecar = {
+            "spec": model.spec.to_dict(),
+            "info": info or {},
+            "weights_sha256": file_sha256(tmp_w),
+            "provenance": job_record(),
+        }
+        sidecar["sidecar_sha256"] = _sidecar_sha256(sidecar)
         with atomic_path(sidecar_path(weights)) as tmp_j:
             tmp_j.write_text(json.dumps(sidecar, indent=2))
+
+
+def _sidecar_sha256(sidecar: dict[str, Any]) -> str:
+    rest = {k: v for k, v in sidecar.items() if k != "sidecar_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def check_weights(weights: str | Path, required: bool = True) -> None:
+    """Refuse weights, or a sidecar, changed since :func:`save_model` wrote them: a model
+    fetched from a shared cache is checked so before use, and the message names the cache
+    file. ``required=False`` lets a sidecar that records no hash pass (a checkpoint from
+    elsewhere, written before mimia recorded one)."""
+    sidecar = read_sidecar(weights)
+    recorded = sidecar.get("weights_sha256")
+    if recorded is None and not required:
+        return
+    where = shown(sidecar_path(weights))
+    if recorded is None:
+        raise InputChangedError(
+            f"sidecar {where} records no weights_sha256: the model was not written by this "
+            f"version of mimia; delete it and rerun to train it again"
+        )
+    if sidecar.get("sidecar_sha256") != _sidecar_sha256(sidecar):
+        raise InputChangedError(
+            f"sidecar {where} was edited after it was written (its sidecar_sha256 does not "
+            f"match its content); delete the model and rerun"
+        )
+    found = file_sha256(weights)
+    if found != recorded:
+        raise InputChangedError(
+            f"weights {shown(weights)} have sha256 {found}, but their sidecar recorded "
+            f"{recorded} when they were written: the file was replaced or changed since; "
+            f"delete the model and rerun"
+        )
 
 
 def read_sidecar(weights: str | Path) -> dict[str, Any]:
@@ -356,15 +403,24 @@ def weight_facts(sd: Mapping[str, torch.Tensor]) -> Facts:
 def args_facts(args: Any) -> Facts:
     """Fields that an official training checkpoint's ``args`` state (its model name, flags)."""
     a = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    # argparse gives these types; any other (norm_pix_loss "False", which bool() makes True)
+    # is a file edited or written by other code, and its facts cannot be read.
+    for key, kind in (("model", str), ("norm_pix_loss", bool), ("input_size", int)):
+        value = a.get(key)
+        if value is not None and (type(value) is not kind):
+            raise ValueError(
+                f"checkpoint args.{key} is {value!r} ({type(value).__name__}), expected a "
+                f"{kind.__name__} as facebookresearch/mae's argparse writes it"
+            )
     facts: Facts = {}
     name = a.get("model")
     if name in OFFICIAL_MAE_MODELS:
         src = f"args.model={name!r} (models_mae.py)"
         facts |= {k: (v, src) for k, v in OFFICIAL_MAE_MODELS[name].items()}
-    if "norm_pix_loss" in a:
-        facts["norm_pix_loss"] = (bool(a["norm_pix_loss"]), "args.norm_pix_loss")
-    if "input_size" in a:
-        facts["img_size"] = (int(a["input_size"]), "args.input_size")
+    if a.get("norm_pix_loss") is not None:
+        facts["norm_pix_loss"] = (a["norm_pix_loss"], "args.norm_pix_loss")
+    if a.get("input_size") is not None:
+        facts["img_size"] = (a["input_size"], "args.input_size")
     return facts
 
 
@@ -439,8 +495,19 @@ def infer_spec(
     return spec, sources
 
 
-def _check_facts(facts: Facts, spec: ModelSpec, path: Path, fmt: str) -> dict[str, str]:
-    """Refuse a given spec that contradicts what the checkpoint says; sources per field."""
+def _check_facts(
+    facts: Facts,
+    spec: ModelSpec,
+    path: Path,
+    fmt: str,
+    stated: Iterable[str] | None = None,
+    required: Iterable[str] = (),
+) -> dict[str, str]:
+    """Refuse a given spec that contradicts what the checkpoint says; sources per field.
+
+    With ``stated`` (the fields the user wrote in the config), a ``required`` field that the
+    checkpoint does not record must be one of them: a default is refused, naming the keys.
+    """
     arch, unset = architecture(spec), object()
     diffs = []
     for k, (v, src) in sorted(facts.items(), key=lambda kv: config_key(kv[0])):
@@ -450,7 +517,26 @@ def _check_facts(facts: Facts, spec: ModelSpec, path: Path, fmt: str) -> dict[st
             diffs.append(f"{config_key(k)}: checkpoint {v!r} ({src}), config {shown}")
     if diffs:
         raise ValueError(_mismatch(path, fmt, diffs))
-    return {k: facts[k][1] if k in facts else "given (config)" for k in arch}
+    if stated is None:
+        return {k: facts[k][1] if k in facts else "given (spec)" for k in arch}
+    stated = set(stated)
+    missing = [k for k in required if k in arch and k not in facts and k not in stated]
+    if missing:
+        keys = ", ".join(config_key(k) for k in missing)
+        raise ValueError(
+            f"{fmt} checkpoint {path} does not record {keys}, and the experiment does not "
+            f"write {'it' if len(missing) == 1 else 'them'}: the values would be the schema's "
+            f"defaults, and mimia does not guess the audited target's architecture. Write "
+            f"{keys} in the experiment's model section"
+        )
+    return {
+        k: facts[k][1]
+        if k in facts
+        else f"user's config ({config_key(k)})"
+        if k in stated
+        else f"default ({config_key(k)} not written)"
+        for k in arch
+    }
 
 
 def _mismatch(path: Path, fmt: str, diffs: list[str]) -> str:
@@ -511,16 +597,25 @@ def _resolve_spec(
     fmt: str,
     args: Any = None,
     ignore: Iterable[str] = (),
+    stated: Iterable[str] | None = None,
     **given: Any,
 ) -> tuple[ModelSpec, dict[str, str]]:
     """The spec to build (inferred, or the given one checked against the checkpoint)."""
     what = f"{fmt} checkpoint {path}"
     if spec is None:
+        if stated is not None:
+            raise TypeError("stated goes with a spec: it says which of its fields were written")
         spec, sources = infer_spec(sd, args=args, what=what, **given)
     else:
         _no_arch_kwargs(spec, **given)
         facts = checkpoint_facts(sd, args, what)
-        sources = _check_facts({k: facts[k] for k in facts if k not in ignore}, spec, path, fmt)
+        ignore = set(ignore)
+        # Heads and eps always shape the encoder; the decoder's only where it is used.
+        required = ["num_heads", "norm_eps"]
+        if "decoder_embed_dim" in facts and "decoder_embed_dim" not in ignore:
+            required += ["decoder_num_heads", "norm_pix_loss"]
+        kept = {k: facts[k] for k in facts if k not in ignore}
+        sources = _check_facts(kept, spec, path, fmt, stated, required)
     log_architecture(what, spec, sources)
     return spec, sources
 
@@ -534,17 +629,27 @@ def import_timm_encoder(
     norm_eps: float | None = None,
     seed: int = 0,
     ignore: Iterable[str] = (),
+    stated: Iterable[str] | None = None,
 ) -> tuple[MIMModel, dict[str, Any]]:
     """A model whose encoder holds a timm ViT state dict; its decoder is not released.
 
     ``head.*``/``fc_norm.*`` keys are ignored (listed in ``info["ignored_keys"]``); any other
     key the encoder lacks, or lacks from the file, or a shape mismatch, is a ValueError. Without
     ``spec`` a MAE spec is inferred from the shapes, given ``num_heads`` and ``norm_eps``.
+    ``stated`` (with ``spec``): the spec's fields the user wrote; heads and eps must be among
+    them, as a timm file records neither.
     """
     path = Path(path)
     sd, ignored = _split_head(_state_dict(read_weights(path), path))
     spec, sources = _resolve_spec(
-        sd, spec, path, "timm", ignore=ignore, num_heads=num_heads, norm_eps=norm_eps
+        sd,
+        spec,
+        path,
+        "timm",
+        ignore=ignore,
+        stated=stated,
+        num_heads=num_heads,
+        norm_eps=norm_eps,
     )
     model = _build(spec, seed)
     _load_part(model.encoder, sd, f"timm encoder {path}" + _hint_finetuned(sd, ignored))
@@ -576,6 +681,7 @@ def import_mae_checkpoint(
     norm_pix_loss: bool | None = None,
     seed: int = 0,
     ignore: Iterable[str] = (),
+    stated: Iterable[str] | None = None,
 ) -> tuple[MIMModel, dict[str, Any]]:
     """An official facebookresearch/mae checkpoint: a release or ``checkpoint-N.pth``.
 
@@ -584,7 +690,10 @@ def import_mae_checkpoint(
     decoder keys (the encoder-only ``mae_pretrain_vit_*.pth`` releases) the decoder stays
     freshly initialised and ``info["decoder_released"]`` is False. A training checkpoint's
     ``args`` say ``norm_pix_loss``, the image size and, for the official ``args.model`` names,
-    heads and LayerNorm eps; a release says none of these, so they must be given (or ``spec``).
+    heads and LayerNorm eps; a release says none of these, so they must be given (or ``spec``;
+    with ``stated``, the spec's fields the user wrote, they must be among those). With the
+    decoder's fields in ``ignore`` (the encoder-only decoder modes) the checkpoint's decoder is
+    left out, whatever its shape: ``info["decoder_ignored"]``.
     """
     path = Path(path)
     obj = read_weights(path)
@@ -599,6 +708,7 @@ def import_mae_checkpoint(
         "mae",
         args,
         ignore=ignore,
+        stated=stated,
         num_heads=num_heads,
         decoder_num_heads=decoder_num_heads,
         norm_eps=norm_eps,
@@ -608,12 +718,16 @@ def import_mae_checkpoint(
         raise ValueError(f"an official MAE checkpoint needs recipe 'mae', got {spec.recipe!r}")
     enc = {k: v for k, v in sd.items() if not k.startswith(_MAE_DECODER_PREFIXES)}
     dec = {k: v for k, v in sd.items() if k.startswith(_MAE_DECODER_PREFIXES)}
+    decoder_ignored = bool(dec) and "decoder_embed_dim" in set(ignore)
+    if decoder_ignored:
+        dec = {}
     model = _build(spec, seed)
     _load_part(model.encoder, enc, f"MAE encoder {path}" + _hint_finetuned(sd, ignored))
     if dec:
         _load_part(model.decoder, dec, f"MAE decoder {path}")
     info = _base_info("mae", path, path, seed) | {
         "decoder_released": bool(dec),
+        "decoder_ignored": decoder_ignored,
         "ignored_keys": ignored,
         "spec_sources": sources,
     }

@@ -83,6 +83,15 @@ class ModelSpec:
             raise ValueError(f"mean/std need {self.in_chans} values, got {self.mean}, {self.std}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        arch = architecture(self)
+        pairs = (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"))
+        for width, heads in pairs:
+            w, n = arch.get(width), arch.get(heads)
+            if isinstance(w, int) and isinstance(n, int) and (n < 1 or w % n):
+                raise ValueError(
+                    f"{config_key(heads)}={n} does not divide {config_key(width)}={w}: "
+                    f"attention splits the width evenly across its heads"
+                )
 
     @property
     def grid_size(self) -> int:

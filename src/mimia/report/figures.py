@@ -13,12 +13,13 @@ import polars as pl
 import torch
 
 from mimia.metrics import bootstrap_mean
+from mimia.models.scoring import score_batch
+from mimia.storage import atomic_path
 
 
 def reconstruction_grid(model, images: torch.Tensor, sample_ids, titles, seed, mask_ratio, out):
     """Rows: samples; columns: original, masked input, reconstruction of the masked patches
     pasted into the visible ones (as MAE's demo: predictions of visible patches are untrained)."""
-    from mimia.extract import score_batch
     from mimia.masking import deterministic_masks
 
     spec = model.spec
@@ -268,22 +269,33 @@ def ablation_figure(summary: pl.DataFrame, ablation: str, out):
 
 
 def _save(fig, out, tight: bool = True) -> None:
-    if tight:
-        fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        if tight:
+            fig.tight_layout()
+        # The temp file's name ends in .tmp: the format comes from the final name.
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=120, format=Path(out).suffix.lstrip(".") or None)
+    finally:
+        plt.close(fig)
 
 
 def target_errors(errors_path, manifest_path) -> pl.DataFrame:
-    """The target's error rows with ``is_member`` joined from the manifest's roles."""
+    """The target's error rows with ``is_member`` from the manifest's roles; an error row
+    whose sample is not in the manifest is refused (a left join would leave it null)."""
     roles = pl.read_parquet(manifest_path).select(
         "sample_id", (pl.col("role") == "target_member").alias("is_member")
     )
     # figures is a localrule: on a cluster it runs on the submit host, so read only the
     # target's rows (predicate pushdown), never every reference model's.
     rows = pl.scan_parquet(errors_path).filter(pl.col("model") == "target").collect()
-    return rows.join(roles, on="sample_id", how="left", validate="m:1")
+    unknown = rows.join(roles, on="sample_id", how="anti")
+    if unknown.height:
+        raise ValueError(
+            f"{errors_path}: {unknown['sample_id'].n_unique()} target sample ids are not in the "
+            f"manifest {manifest_path}, e.g. {unknown['sample_id'][0]!r}; the errors and the "
+            f"manifest come from different splits"
+        )
+    return rows.join(roles, on="sample_id", how="inner", validate="m:1")
 
 
 def experiment_figures(
