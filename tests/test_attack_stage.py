@@ -192,8 +192,9 @@ def test_default_results_are_unchanged(worlds, tmp_path):
         record = run(worlds[world][0], tmp_path, attack, params, decoder)
         got = [record[k] for k in ("auc", "tpr_at_fpr_0.01", "balanced_accuracy", "threshold")]
         got += [record["auc_ci_low"], pl.read_parquet(tmp_path / f"{attack}.parquet")["score"][0]]
-        # the defaults are bit-identical; online LiRA's log-densities differ in the last bits
-        np.testing.assert_allclose(got, pinned, rtol=1e-13, atol=0, err_msg=key)
+        # Bit-identical on one machine; across CPUs the BLAS kernels under scikit-learn's lbfgs
+        # (the classifier) and online LiRA's log-densities move the last bits (1.05e-13 seen).
+        np.testing.assert_allclose(got, pinned, rtol=1e-11, atol=0, err_msg=key)
 
 
 def test_outputs_and_conventions(worlds, tmp_path):

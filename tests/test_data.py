@@ -145,7 +145,7 @@ def test_roles_from_an_assignment_of_image_folder_paths(tmp_path):
     cfg = {
         "defaults": {
             "dataset": {"name": "image_folder", "path": str(root), "img_size": 8},
-            "model": {"patch_size": 4, "encoder_overrides": {"embed_dim": 32}},
+            "model": {"patch_size": 4, "encoder_overrides": {"embed_dim": 32, "num_heads": 2}},
             "pretrain": {"batch_size": 2, "warmup_epochs": 1},
             "adapt": {"batch_size": 2, "warmup_epochs": 1},
         },

@@ -230,11 +230,13 @@ def test_spec_differences_compare_functions_not_spellings(tiny_spec):
     )
     assert spec_differences(base, spelled) == []
     assert spec_differences(base, replace(base, encoder="vit_base_patch16_224.mae")) == []
-    deeper = replace(tiny_spec, img_size=32, encoder_overrides={"embed_dim": 32, "depth": 3})
+    deeper = replace(
+        tiny_spec, img_size=32, encoder_overrides={"embed_dim": 32, "depth": 3, "num_heads": 4}
+    )
     assert spec_differences(tiny_spec, deeper) == [
         "dataset.img_size: checkpoint 16, config 32",
         "model.encoder_overrides.depth: checkpoint 2, config 3",
-        "model.encoder_overrides.num_heads: checkpoint 2, config 3",
+        "model.encoder_overrides.num_heads: checkpoint 2, config 4",
     ]
     assert spec_differences(tiny_spec, deeper, ignore=("img_size", "depth", "num_heads")) == []
     # SimMIM has no decoder fields to differ in.

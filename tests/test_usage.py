@@ -11,12 +11,11 @@ import pytest
 from test_attacks import make_world, write_world
 
 from mimia.attacks.stage import attack_stage
-from mimia.config import resolve_experiments
+from mimia.config import resolve_experiments, usage_attacks
 from mimia.usage import (
     UsageEstimator,
     check_outside_adversary,
     collection_ids,
-    usage_attacks,
     usage_stage,
 )
 
@@ -186,6 +185,7 @@ def test_an_empty_collection_and_bad_reference_data_are_refused():
 
 
 def _config(usage: dict, **extra) -> dict:
+    extra = {"shadow": {"count": 4}, **extra}
     return {"experiments": {"u": {"usage": {"enabled": True, **usage}, **extra}}}
 
 
@@ -217,6 +217,10 @@ def test_encodermi_is_left_out_by_default():
 def test_usage_needs_reference_models():
     with pytest.raises(ValueError, match=r"shadow\.count >= 2"):
         resolve_experiments(_config({}, shadow={"count": 1}))
+    # Two models: shadow1's one reference, shadow0, trained on every shadow_member image.
+    with pytest.raises(ValueError, match=r"'lira'.* needs shadow\.count >= 3 \(got 2\)"):
+        resolve_experiments(_config({}, shadow={"count": 2}))
+    resolve_experiments(_config({"attacks": ["threshold"]}, shadow={"count": 2}))
 
 
 def test_a_candidate_image_also_in_the_adversarys_data_is_refused():
@@ -341,6 +345,7 @@ def test_the_workflow_writes_the_usage_audit(tmp_path):
     config["experiments"] = {"tiny": {}}
     config["defaults"].update(
         decoder=["released", "adapted"],
+        shadow={**config["defaults"].get("shadow", {}), "count": 3},
         attacks={"threshold": {}, "lira": {}},
         extract={"mask_ratios": [0.75], "num_masks": 2, "grid_samples": 2},
         usage={

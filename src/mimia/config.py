@@ -21,7 +21,7 @@ from typing import Any
 
 import jsonschema
 
-from mimia.layout import ROLES, TARGET, shadow_model
+from mimia.layout import ROLES, SHADOW_ROLES, TARGET, TARGET_ROLES, shadow_model
 from mimia.schema import SCHEMA_DIR, canonical, check_section, load_schema
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -219,15 +219,24 @@ def _stated(exp: dict) -> list[str]:
 
 def _check(exp: dict, stated: Iterable[str] = ()) -> None:
     """Cross-field checks the schema cannot express, so bad input fails before any job."""
-    from mimia.usage import check_usage
-
     if exp["split"].get("assignment"):
         # Role sizes come from the assignment: shard counts are needed to build the DAG.
         exp["split"].update(_assignment_sizes(exp["split"]["assignment"]))
     try:
         spec = model_spec(exp)
     except ValueError as err:
-        raise ValueError(f"model: {err}") from None
+        unwritten = [
+            k
+            for k in ("num_heads", "decoder_num_heads")
+            if f".{k}=" in str(err) and k not in stated
+        ]
+        hint = (
+            f" ({', '.join(unwritten)} not written: the value is the default of encoder "
+            f"{exp['model']['encoder']!r} or the schema; write it in the model section)"
+            if unwritten
+            else ""
+        )
+        raise ValueError(f"model: {err}{hint}") from None
     _check_target(exp, spec, stated)
     _check_attacks(exp)
     exp["shadow"]["pretrain"] = whole_numbers("pretrain", exp["shadow"]["pretrain"])
@@ -489,3 +498,92 @@ def describe(exp: dict) -> dict[str, Any]:
         "early_stopping": early is not None,
         "knows_defense": exp["shadow"]["knows_defense"],
     }
+
+
+# -- usage audit (candidate collections) --------------------------------------------------------
+def check_usage(experiment: dict, name: str = "") -> None:
+    """Config-time checks of an experiment's ``usage`` section (ValueError naming the value)."""
+    usage = experiment["usage"]
+    if not usage["enabled"]:
+        return
+    where = f"experiment {name!r}: usage" if name else "usage"
+    if experiment["shadow"]["count"] < 2:
+        raise ValueError(
+            f"{where} needs shadow.count >= 2: shadow1..N-1 are the reference models whose "
+            f"known membership gives the attack's TPR and FPR (got {experiment['shadow']['count']})"
+        )
+    if not usage["collections"]:
+        raise ValueError(f"{where}.collections is empty: name at least one candidate collection")
+    for cname, spec in usage["collections"].items():
+        collection_plan(cname, spec, experiment["split"], where)
+    from mimia.attacks import attack_class
+
+    count = experiment["shadow"]["count"]
+    calibrated = [
+        a
+        for a in usage_attacks(experiment, name)
+        if "references" in attack_class(attack_kind(experiment["attacks"][a], a)).inputs
+    ]
+    if calibrated and count < 3:
+        # Reference model i is scored with the others as its references; with two models its
+        # only reference is shadow0, which trained on every shadow_member image, so those
+        # images have no OUT reference and the attack's TPR and FPR cannot be measured.
+        raise ValueError(
+            f"{where}: attacks {calibrated} calibrate on reference models, so measuring their "
+            f"TPR and FPR on shadow1..N-1 needs shadow.count >= 3 (got {count}); raise "
+            f"shadow.count or list only uncalibrated attacks in usage.attacks"
+        )
+
+
+def usage_attacks(experiment: dict, name: str = "") -> list[str]:
+    """The attacks the usage audit uses: ``usage.attacks``, or every attack of the experiment
+    that scores reconstruction errors (EncoderMI's features exist only for target and shadow0,
+    not for every reference model)."""
+    from mimia.attacks import requires_embeddings
+
+    attacks = experiment["attacks"]
+    wanted = experiment["usage"]["attacks"] or [
+        a for a in attacks if not requires_embeddings(attack_kind(attacks[a], a))
+    ]
+    where = f"experiment {name!r}: usage.attacks" if name else "usage.attacks"
+    for a in wanted:
+        if a not in attacks:
+            raise ValueError(
+                f"{where} names {a!r}, not an attack of the experiment: {list(attacks)}"
+            )
+        if requires_embeddings(attack_kind(attacks[a], a)):
+            raise ValueError(
+                f"{where} names {a!r}, an EncoderMI attack: its features are not computed for "
+                "the reference models, so its TPR and FPR cannot be measured"
+            )
+    if not wanted:
+        raise ValueError(f"{where}: the experiment has no attack on reconstruction errors to use")
+    return list(wanted)
+
+
+def collection_plan(name: str, spec: dict, split: dict, where: str = "usage") -> dict:
+    """``{"role": r}`` or ``{"members": k, "nonmembers": n - k}`` for a collection entry; checks
+    it against the split's role sizes."""
+    where = f"{where}.collections.{name}"
+    if "role" in spec:
+        role = spec["role"]
+        if role in SHADOW_ROLES:
+            raise ValueError(
+                f"{where}: role {role!r} is the adversary's own data (the reference models "
+                "trained on it); a candidate collection must lie outside it"
+            )
+        if role not in TARGET_ROLES:
+            raise ValueError(f"{where}: unknown role {role!r}; expected one of {list(ROLES)}")
+        return {"role": role}
+    size, fraction = spec["size"], spec["fraction"]
+    if size < 1:
+        raise ValueError(f"{where}: size {size}: the candidate collection is empty")
+    members = round(fraction * size)
+    plan = {"members": members, "nonmembers": size - members}
+    for role, key in (("target_member", "members"), ("target_nonmember", "nonmembers")):
+        if plan[key] > split[role]:
+            raise ValueError(
+                f"{where}: fraction {fraction} of {size} images takes {plan[key]} from {role}, "
+                f"which holds {split[role]} (split.{role})"
+            )
+    return plan

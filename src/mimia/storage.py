@@ -221,20 +221,20 @@ def claim_experiments(results: str | Path, identities: dict[str, str], record: b
     complete and finish into it, silently keeping the other config's models.
     """
     for name, identity in identities.items():
-        record = Path(results) / name / CONFIG_RECORD
+        path = Path(results) / name / CONFIG_RECORD
         here = os.getcwd()
         try:
-            old = json.loads(record.read_text())
+            old = json.loads(path.read_text())
         except FileNotFoundError:
             old = None
         except ValueError:
             old = None  # damaged: this run's record replaces it
         if old and old.get("config_sha256") != identity and old.get("workdir") != here:
             raise ResultsInUseError(
-                f"{record.parent} holds results of experiment {name!r} made with another config "
+                f"{path.parent} holds results of experiment {name!r} made with another config "
                 f"(config {str(old.get('config_sha256'))[:12]}, this run's {identity[:12]}) from "
                 f"working directory {old.get('workdir')}; run it from there, give this run "
-                f"another results folder (--config results=...), or delete {record.parent}"
+                f"another results folder (--config results=...), or delete {path.parent}"
             )
         if record and old != {"config_sha256": identity, "workdir": here}:
-            write_json(record, {"config_sha256": identity, "workdir": here})
+            write_json(path, {"config_sha256": identity, "workdir": here})

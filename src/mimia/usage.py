@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import polars as pl
 
-from mimia.data.splits import ROLES, SHADOW_ROLES, TARGET_ROLES
+from mimia.config import collection_plan
+from mimia.layout import OWN_DECODER, SHADOW_ROLES, TARGET_ROLES
 from mimia.metrics import roc_points
 
 PathLike = str | os.PathLike
@@ -239,79 +240,6 @@ def _clip(value: float | None) -> float | None:
 
 
 # -- candidate collections ----------------------------------------------------------------------
-def check_usage(experiment: dict, name: str = "") -> None:
-    """Config-time checks of an experiment's ``usage`` section (ValueError naming the value)."""
-    usage = experiment["usage"]
-    if not usage["enabled"]:
-        return
-    where = f"experiment {name!r}: usage" if name else "usage"
-    if experiment["shadow"]["count"] < 2:
-        raise ValueError(
-            f"{where} needs shadow.count >= 2: shadow1..N-1 are the reference models whose "
-            f"known membership gives the attack's TPR and FPR (got {experiment['shadow']['count']})"
-        )
-    if not usage["collections"]:
-        raise ValueError(f"{where}.collections is empty: name at least one candidate collection")
-    for cname, spec in usage["collections"].items():
-        collection_plan(cname, spec, experiment["split"], where)
-    usage_attacks(experiment, name)
-
-
-def usage_attacks(experiment: dict, name: str = "") -> list[str]:
-    """The attacks the usage audit uses: ``usage.attacks``, or every attack of the experiment
-    that scores reconstruction errors (EncoderMI's features exist only for target and shadow0,
-    not for every reference model)."""
-    from mimia.attacks import requires_embeddings
-    from mimia.config import attack_kind
-
-    attacks = experiment["attacks"]
-    wanted = experiment["usage"]["attacks"] or [
-        a for a in attacks if not requires_embeddings(attack_kind(attacks[a], a))
-    ]
-    where = f"experiment {name!r}: usage.attacks" if name else "usage.attacks"
-    for a in wanted:
-        if a not in attacks:
-            raise ValueError(
-                f"{where} names {a!r}, not an attack of the experiment: {list(attacks)}"
-            )
-        if requires_embeddings(attack_kind(attacks[a], a)):
-            raise ValueError(
-                f"{where} names {a!r}, an EncoderMI attack: its features are not computed for "
-                "the reference models, so its TPR and FPR cannot be measured"
-            )
-    if not wanted:
-        raise ValueError(f"{where}: the experiment has no attack on reconstruction errors to use")
-    return list(wanted)
-
-
-def collection_plan(name: str, spec: dict, split: dict, where: str = "usage") -> dict:
-    """``{"role": r}`` or ``{"members": k, "nonmembers": n - k}`` for a collection entry; checks
-    it against the split's role sizes."""
-    where = f"{where}.collections.{name}"
-    if "role" in spec:
-        role = spec["role"]
-        if role in SHADOW_ROLES:
-            raise ValueError(
-                f"{where}: role {role!r} is the adversary's own data (the reference models "
-                "trained on it); a candidate collection must lie outside it"
-            )
-        if role not in TARGET_ROLES:
-            raise ValueError(f"{where}: unknown role {role!r}; expected one of {list(ROLES)}")
-        return {"role": role}
-    size, fraction = spec["size"], spec["fraction"]
-    if size < 1:
-        raise ValueError(f"{where}: size {size}: the candidate collection is empty")
-    members = round(fraction * size)
-    plan = {"members": members, "nonmembers": size - members}
-    for role, key in (("target_member", "members"), ("target_nonmember", "nonmembers")):
-        if plan[key] > split[role]:
-            raise ValueError(
-                f"{where}: fraction {fraction} of {size} images takes {plan[key]} from {role}, "
-                f"which holds {split[role]} (split.{role})"
-            )
-    return plan
-
-
 def collection_ids(name: str, spec: dict, manifest: pl.DataFrame, split: dict, seed: int):
     """Sorted sample ids of a collection; a mix is a seeded draw (seed and collection name)
     of ``members`` target_member and ``nonmembers`` target_nonmember images."""
@@ -357,7 +285,7 @@ def reference_scores(errors: pl.DataFrame, manifest, membership, attack: str, en
     """The attack's scores ``[M, n]`` of the adversary's ``n`` images under shadow1..N-1, each
     scored as the target with the other shadow models as references, and their membership."""
     from mimia.attacks.base import attack_class, build_attack
-    from mimia.attacks.inputs import FIT_MODEL, REFERENCE_DECODER, build_inputs, observations
+    from mimia.attacks.inputs import FIT_MODEL, build_inputs, observations
     from mimia.attacks.inputs import shadow_models as listed_models
     from mimia.config import attack_kind
 
@@ -371,7 +299,7 @@ def reference_scores(errors: pl.DataFrame, manifest, membership, attack: str, en
     scores, ins = [], []
     for model in (m for m in shadows if m != FIT_MODEL):
         others = [m for m in shadows if m != model]
-        X = observations(errors, model, REFERENCE_DECODER, ids, others, membership, needs)
+        X = observations(errors, model, OWN_DECODER, ids, others, membership, needs)
         scores.append(estimator.score_samples(X))
         is_in = dict(
             membership.filter(pl.col("model") == model).select("sample_id", "is_in").rows()

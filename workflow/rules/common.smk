@@ -17,9 +17,9 @@ from mimia.config import (
     results_folder,
     section,
     train_params,
+    usage_attacks,
 )
 from mimia.data.sources import source_fingerprint
-from mimia.usage import usage_attacks
 from mimia.layout import (
     ADAPTED_TARGET,
     DECODER_MODES,

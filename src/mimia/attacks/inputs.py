@@ -29,8 +29,7 @@ import numpy as np
 import polars as pl
 
 from mimia.attacks.data import PARTS, Observations
-from mimia.data.splits import ROLES, SHADOW_ROLES, TARGET_ROLES
-from mimia.layout import OWN_DECODER, PAPER_SHADOW, TARGET
+from mimia.layout import OWN_DECODER, PAPER_SHADOW, ROLES, SHADOW_ROLES, TARGET, TARGET_ROLES
 
 FIT_MODEL = PAPER_SHADOW
 AUDIT_MODEL = TARGET

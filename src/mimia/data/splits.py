@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-ROLES = ("target_member", "target_nonmember", "shadow_member", "shadow_nonmember")
-TARGET_ROLES = ROLES[:2]
-SHADOW_ROLES = ROLES[2:]
+from mimia.layout import ROLES, SHADOW_ROLES, TARGET_ROLES
 
 MANIFEST_SCHEMA = {
     "sample_id": pl.String,
