@@ -287,3 +287,23 @@ def test_shadow_model_i_does_not_depend_on_the_number_of_shadow_models(tmp_path)
         assert one["is_in"].sum() == other["is_in"].sum() == one.height // 2
         assert (one["is_in"] != other["is_in"]).any()
     assert tables["shadow1", True].height > tables["shadow1", False].height
+
+
+def test_cifar10_usage_preset_dry_runs_on_the_study_base(tmp_path, folder):
+    """The usage validation on CIFAR-10 shares the CPU study's split, shards and models (one
+    cache trains them once) and adds reference models and the usage audit."""
+    preset = PRESETS / "cifar10-usage.yaml"
+    extra = _override(folder, {})
+    sizes = {f"f{round(100 * f)}": {"fraction": f, "size": 4} for f in (0, 0.25, 0.5, 0.75, 1)}
+    extra["defaults"]["usage"] = {"collections": sizes}
+    _, jobs = _dry_run(tmp_path, preset, extra)
+    study = resolve_experiments(yaml.safe_load((PRESETS / "cifar10-cpu-study.yaml").read_text()))
+    usage = resolve_experiments(yaml.safe_load(preset.read_text()))["cifar10-usage"]
+    for key in ("seed", "dataset", "split", "model", "pretrain", "extract"):
+        assert usage[key] == study["cifar10-study"][key], key
+    assert usage["shadow"]["count"] == 4 and usage["usage"]["enabled"]
+    fractions = {c["fraction"] for c in usage["usage"]["collections"].values()}
+    assert fractions == {0, 0.25, 0.5, 0.75, 1}
+    for model in ("target", "shadow0", "shadow1", "shadow2", "shadow3"):
+        assert _count(jobs, "pretrain", experiment="cifar10-usage", model=model) == 1
+    assert _count(jobs, "usage", experiment="cifar10-usage") == 1
