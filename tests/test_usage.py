@@ -296,7 +296,12 @@ def test_usage_stage_writes_estimates_per_decoder_attack_and_collection(audited)
     report = json.loads((audited / "usage.json").read_text())
     assert "not evidence that any single image" in report["meaning"]
     rows = pl.read_parquet(audited / "usage.parquet")
-    assert rows.height == 2 * 2 * 3 and (rows["status"] == "estimate").all()
+    assert rows.height == 2 * 2 * 3
+    # Only the released decoder is scored as the reference models are.
+    status = dict(rows.group_by("decoder").agg(pl.col("status").unique().first()).rows())
+    assert status == {"released": "estimate", "shadow": "uncalibrated"}
+    assert (rows.filter(pl.col("decoder") == "shadow")["estimate"].is_not_null()).all()
+    assert "uncalibrated" in report["uncalibrated_note"]
     assert rows.sort("true_fraction")["true_fraction"].unique().to_list() == [0.0, 0.5, 1.0]
     assert (audited / "usage.png").read_bytes()[:4] == b"\x89PNG"
     lira = rows.filter((pl.col("decoder") == "released") & (pl.col("attack") == "lira"))
@@ -310,7 +315,9 @@ def test_usage_stage_writes_estimates_per_decoder_attack_and_collection(audited)
     assert "shadow1, shadow2, shadow3" in lira["rates_source"][0]
     shadow = rows.filter(pl.col("decoder") == "shadow")
     assert "'shadow' decoder" in shadow["rates_source"][0]
+    assert shadow["reason"][0].startswith("uncalibrated: the target is scored under the 'shadow'")
     summary = {(v["decoder"], v["attack"]): v for v in report["validation"]}
+    assert summary[("shadow", "lira")]["status"] == "uncalibrated"
     released = summary[("released", "lira")]
     assert released["mean_abs_error"] < released["naive_mean_abs_error"]
     assert released["f0_collections"] == 1 and released["f0_ci_excludes_0"] == 0
@@ -364,8 +371,12 @@ def test_the_workflow_writes_the_usage_audit(tmp_path):
     }
     assert {(r["collection"], r["true_fraction"]) for r in rows} == {("f0", 0.0), ("all", 1.0)}
     for r in rows:
-        assert r["status"] in ("estimate", "no estimate") and r["reason"] is not None
-        if r["status"] == "estimate":
+        assert (
+            r["status"] in ("estimate", "no estimate", "uncalibrated") and r["reason"] is not None
+        )
+        assert r["status"] != "estimate" or r["decoder"] == "released"
+        assert r["status"] != "uncalibrated" or r["decoder"] == "adapted"
+        if r["status"] != "no estimate":
             assert 0 <= r["estimate"] <= 1 and 0 <= r["naive"] <= 1
             # Shown clipped only with the raw value beside it.
             assert r["clipped"] or r["estimate"] == r["estimate_raw"]
