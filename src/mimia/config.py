@@ -587,3 +587,30 @@ def collection_plan(name: str, spec: dict, split: dict, where: str = "usage") ->
                 f"which holds {split[role]} (split.{role})"
             )
     return plan
+
+
+def check_runtime_devices(experiments: dict[str, dict], gpu: int, *, local: bool) -> None:
+    """``runtime.device: cuda`` fails before any job: when the config asks the scheduler for
+    no GPU (``gpu: 0``: its jobs would land where there is none, or crowd one GPU unbounded)
+    and, for jobs that run on this machine (``local``), when it has no CUDA device.
+    ``auto`` never fails: it takes CUDA where there is one."""
+    cuda = {
+        name: e["runtime"]["device"]
+        for name, e in experiments.items()
+        if e["runtime"]["device"].startswith("cuda")
+    }
+    if not cuda:
+        return
+    name, device = next(iter(cuda.items()))
+    if gpu == 0:
+        raise ValueError(
+            f"experiment {name!r}: runtime.device is {device!r} but the config's gpu is 0, so "
+            f"its jobs ask for no GPU: set gpu: 1 (or runtime.device: auto)"
+        )
+    if local:
+        from mimia.devices import cuda_problem  # imports torch: only when CUDA is asked for
+
+        for name, device in cuda.items():
+            problem = cuda_problem(device)
+            if problem:
+                raise ValueError(f"experiment {name!r}: {problem}")

@@ -10,6 +10,7 @@ from mimia.attacks import requires_embeddings
 from mimia.config import (
     attack_kind,
     canonical,
+    check_runtime_devices,
     describe,
     model_pretrain,
     model_spec,
@@ -39,6 +40,10 @@ from mimia.storage import claim_experiments, lock_results, seal_links
 
 RESULTS = results_folder(config["results"])
 EXPERIMENTS = resolve_experiments(config)
+# Jobs run here (not on a cluster's nodes): runtime.device cuda must find a GPU on this machine.
+check_runtime_devices(
+    EXPERIMENTS, config["gpu"], local=workflow.local_exec and workflow.is_main_process
+)
 EXP = f"{RESULTS}/{{experiment}}"
 LOGS = f"{RESULTS}/logs/{{experiment}}"
 BENCH = f"{RESULTS}/benchmarks/{{experiment}}"
