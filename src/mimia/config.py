@@ -587,3 +587,49 @@ def collection_plan(name: str, spec: dict, split: dict, where: str = "usage") ->
                 f"which holds {split[role]} (split.{role})"
             )
     return plan
+
+
+def gpu_request(gpu: int, share: int, processes: int = 1) -> dict[str, int | str]:
+    """The GPU resources of a job of ``processes`` training/scoring processes: ``gpu`` (whole
+    GPUs, the SLURM plugin's ``--gpus``), ``gpu_shard`` (shares of a GPU, the local counter
+    capped at GPUs x ``share``) and ``gres`` (``shard:1`` on SLURM when the job takes a share).
+
+    With ``share`` > 1 a one-process job takes one share and no whole GPU; a job of several
+    processes takes ``processes`` whole GPUs, all of their shares included, so that locally it
+    never runs beside a job holding a share of one of them.
+    """
+    if share > 1 and gpu != 1:
+        raise ValueError(
+            f"gpu_share: {share} splits one GPU among {share} jobs, so every job must ask for "
+            f"one GPU (gpu: 1), not gpu: {gpu}"
+        )
+    if share > 1 and processes == 1:
+        return {"gpu": 0, "gpu_shard": 1, "gres": "shard:1"}
+    return {"gpu": gpu * processes, "gpu_shard": gpu * processes * share, "gres": ""}
+
+
+def check_runtime_devices(experiments: dict[str, dict], gpu: int, *, local: bool) -> None:
+    """``runtime.device: cuda`` fails before any job: when the config asks the scheduler for
+    no GPU (``gpu: 0``: its jobs would land where there is none, or crowd one GPU unbounded)
+    and, for jobs that run on this machine (``local``), when it has no CUDA device.
+    ``auto`` never fails: it takes CUDA where there is one."""
+    cuda = {
+        name: e["runtime"]["device"]
+        for name, e in experiments.items()
+        if e["runtime"]["device"].startswith("cuda")
+    }
+    if not cuda:
+        return
+    name, device = next(iter(cuda.items()))
+    if gpu == 0:
+        raise ValueError(
+            f"experiment {name!r}: runtime.device is {device!r} but the config's gpu is 0, so "
+            f"its jobs ask for no GPU: set gpu: 1 (or runtime.device: auto)"
+        )
+    if local:
+        from mimia.devices import cuda_problem  # imports torch: only when CUDA is asked for
+
+        for name, device in cuda.items():
+            problem = cuda_problem(device)
+            if problem:
+                raise ValueError(f"experiment {name!r}: {problem}")

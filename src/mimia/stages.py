@@ -209,9 +209,9 @@ def extract(
 ) -> None:
     """Reconstruction errors of one shard under the K masks of every mask ratio, for the
     scoring model (``checkpoint``'s encoder with the decoder ``decoder`` names)."""
+    from mimia.devices import resolve_device
     from mimia.extract import extract_shard, scoring_model
     from mimia.provenance import file_sha256, provenance, read_metadata
-    from mimia.training import resolve_device
 
     if model != TARGET and decoder != OWN_DECODER:
         raise ValueError(f"shadow models are scored with their own decoder, not {decoder!r}")
@@ -264,10 +264,10 @@ def embed(
 ) -> None:
     """EncoderMI features: similarities of the encoder's embeddings of augmented views, on
     the runtime device (the device the rule reserves a GPU for)."""
+    from mimia.devices import resolve_device
     from mimia.extract import embed_shards
     from mimia.models.checkpoint import load_model
     from mimia.provenance import file_sha256, provenance, read_metadata, write_parquet
-    from mimia.training import resolve_device
 
     encoder = load_model(checkpoint, device=str(resolve_device(runtime["device"])))
     table = embed_shards(encoder, shards, model, seed, num_views, runtime["batch_size"])

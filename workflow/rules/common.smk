@@ -10,6 +10,8 @@ from mimia.attacks import requires_embeddings
 from mimia.config import (
     attack_kind,
     canonical,
+    check_runtime_devices,
+    gpu_request,
     describe,
     model_pretrain,
     model_spec,
@@ -39,6 +41,10 @@ from mimia.storage import claim_experiments, lock_results, seal_links
 
 RESULTS = results_folder(config["results"])
 EXPERIMENTS = resolve_experiments(config)
+# Jobs run here (not on a cluster's nodes): runtime.device cuda must find a GPU on this machine.
+check_runtime_devices(
+    EXPERIMENTS, config["gpu"], local=workflow.local_exec and workflow.is_main_process
+)
 EXP = f"{RESULTS}/{{experiment}}"
 LOGS = f"{RESULTS}/logs/{{experiment}}"
 BENCH = f"{RESULTS}/benchmarks/{{experiment}}"
@@ -188,6 +194,23 @@ def pretrain_devices(wc):
 def adapt_devices(wc):
     """As :func:`pretrain_devices`, for the decoder adaptation."""
     return EXPERIMENTS[wc.experiment]["adapt"]["devices"]
+
+
+# -- GPUs ---------------------------------------------------------------------------------------
+gpu_request(config["gpu"], config["gpu_share"])  # a bad gpu / gpu_share pair fails here
+# Locally the shares of GPUs are a counter of their own, capped at the GPUs offered
+# (--resources gpu=N; the default profile offers 1) x gpu_share, unless --resources names it.
+if workflow.is_main_process and workflow.local_exec:
+    offered = workflow.global_resources.get("gpu").value
+    if offered is not None and "gpu_shard" not in workflow.global_resources:
+        workflow.register_resource("gpu_shard", offered * config["gpu_share"])
+
+
+def gpu_resource(name, processes=lambda wc: 1):
+    """Resource ``name`` (gpu, gpu_shard, gres) of a GPU job of ``processes(wc)`` processes:
+    see :func:`mimia.config.gpu_request`."""
+    share = config["gpu_share"]
+    return lambda wc: gpu_request(config["gpu"], share, processes(wc))[name]
 
 
 # -- defenses and utility -----------------------------------------------------------------------

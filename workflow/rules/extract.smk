@@ -20,7 +20,9 @@ rule extract:
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=config["gpu"],
+        gpu=gpu_resource("gpu"),
+        gpu_shard=gpu_resource("gpu_shard"),
+        gres=gpu_resource("gres"),
     params:
         code=code_identity("extract"),
         model="{model}",
@@ -74,7 +76,9 @@ rule embed:
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=config["gpu"],
+        gpu=gpu_resource("gpu"),
+        gpu_shard=gpu_resource("gpu_shard"),
+        gres=gpu_resource("gres"),
     params:
         code=code_identity("embed"),
         model="{model}",

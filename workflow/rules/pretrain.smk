@@ -23,7 +23,9 @@ rule pretrain:
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=lambda wc: config["gpu"] * pretrain_devices(wc),
+        gpu=gpu_resource("gpu", pretrain_devices),
+        gpu_shard=gpu_resource("gpu_shard", pretrain_devices),
+        gres=gpu_resource("gres", pretrain_devices),
     params:
         code=code_identity("pretrain"),
         model="{model}",
@@ -84,7 +86,9 @@ rule adapt_decoder:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=lambda wc: config["gpu"] * adapt_devices(wc),
+        gpu=gpu_resource("gpu", adapt_devices),
+        gpu_shard=gpu_resource("gpu_shard", adapt_devices),
+        gres=gpu_resource("gres", adapt_devices),
     params:
         code=code_identity("adapt_decoder"),
         train=from_exp(lambda e, wc: train_params(e["adapt"])),

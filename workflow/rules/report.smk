@@ -23,9 +23,12 @@ rule reconstructions:
     conda:
         ENV
     threads: 1
+    # CPU only, but on a cluster it shares submissions with extraction, whose GPU share
+    # (gres) every job of a group must name alike.
     resources:
         mem_mb=2000,
         runtime=10,
+        gres=gpu_resource("gres"),
     params:
         code=code_identity("reconstructions"),
         decoder="{decoder}",

@@ -6,12 +6,12 @@ tables), so neither reaches into the other.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Sequence
 
 import torch
 
+from mimia.devices import autocast
 from mimia.masking import deterministic_masks
 from mimia.models.base import MIMModel
 
@@ -24,8 +24,13 @@ def score_batch(
     seed: int,
     mask_ratio: float,
     num_masks: int,
+    precision: str = "auto",
 ) -> dict[str, torch.Tensor]:
-    """Errors ``[B, K]`` of uint8 ``imgs`` under the K deterministic masks of each sample."""
+    """Errors ``[B, K]`` of uint8 ``imgs`` under the K deterministic masks of each sample.
+
+    ``precision`` (``mimia.devices.PRECISIONS``): the default runs the model under bf16
+    autocast on CUDA and in float32 elsewhere; the errors are computed in float32 either way.
+    """
     spec = model.spec
     device = next(model.parameters()).device
     masks = deterministic_masks(
@@ -35,12 +40,7 @@ def score_batch(
     x = model.normalize(imgs.to(device, non_blocking=True).float().div_(255))
     x = x.repeat_interleave(k, dim=0)
     flat_mask = masks.reshape(b * k, -1)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    with autocast:
+    with autocast(device, precision):
         pred = model.decode(model.encode(x, flat_mask), flat_mask)
     errors = model.patch_errors(x, pred.float())
     n_masked = int(flat_mask[0].sum())

@@ -5,7 +5,7 @@ Imports nothing above it (neither the config layer, nor extraction, nor the stag
 complete training section and the data come in, weights and their history go out.
 
 - :mod:`~mimia.training.recipe`: :class:`TrainConfig`, lr schedule, parameter groups,
-  augmentation, the device;
+  augmentation (device, precision and process-group backend: :mod:`mimia.devices`);
 - :mod:`~mimia.training.loop`: :func:`fit`, the one loop;
 - :mod:`~mimia.training.engines`, :mod:`~mimia.training.dp`: what differs between one
   process, DDP and DP-SGD;
@@ -19,7 +19,7 @@ complete training section and the data come in, weights and their history go out
 from mimia.training.dp import PerSampleGradients
 from mimia.training.early_stopping import heldout_loss, holdout_split
 from mimia.training.loop import fit
-from mimia.training.recipe import TrainConfig, lr_at, param_groups, resolve_device
+from mimia.training.recipe import TrainConfig, lr_at, param_groups
 from mimia.training.resume import read_resume, resume_path_for, save_resume
 from mimia.training.run import run, save_trained, train_dp, train_early_stopped, train_mim
 
@@ -32,7 +32,6 @@ __all__ = [
     "lr_at",
     "param_groups",
     "read_resume",
-    "resolve_device",
     "resume_path_for",
     "run",
     "save_resume",

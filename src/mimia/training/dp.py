@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mimia.devices import resolve_device
 from mimia.models.base import MIMModel
-from mimia.training.recipe import TrainConfig, param_groups, resolve_device
+from mimia.training.recipe import TrainConfig, param_groups
 
 
 def _register_timm_layers() -> None:

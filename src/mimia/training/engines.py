@@ -19,13 +19,14 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from mimia.devices import autocast, resolve_device
 from mimia.training import ranks
-from mimia.training.recipe import TrainConfig, param_groups, resolve_device
+from mimia.training.recipe import TrainConfig, param_groups
 
 
 class Plain:
-    """One process: AdamW on the trainable parameters, gradient accumulation, bf16 autocast
-    on CUDA, ``torch.compile`` when asked."""
+    """One process: AdamW on the trainable parameters, gradient accumulation, the config's
+    precision (bf16 autocast on CUDA by default), ``torch.compile`` when asked."""
 
     generator_keys: tuple[str, ...] = ("generator",)
     """Resume-file keys of the engine's generator states (torch's global one is common)."""
@@ -58,11 +59,7 @@ class Plain:
         )
         self.global_batch = cfg.batch_size * ranks.world()[1]
         self.steps = max(images.shape[0] // self.global_batch, 1)  # drop_last, as MAE's loader
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else contextlib.nullcontext()
-        )
+        self.autocast = autocast(self.device, cfg.precision)
 
     @property
     def mask_generator(self) -> torch.Generator:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from mimia.devices import resolve_device
 from mimia.training.early_stopping import EarlyStopping
-from mimia.training.recipe import TrainConfig, resolve_device
+from mimia.training.recipe import TrainConfig
 
 WORKER = "mimia.training.worker"
 """The module each rank runs (``python -m``); not imported by the package, so it runs fresh."""

@@ -1,5 +1,5 @@
-"""The MIM recipe of MAE's ``main_pretrain.py``: settings, learning rate, parameter groups,
-augmentation and the device.
+"""The MIM recipe of MAE's ``main_pretrain.py``: settings, learning rate, parameter groups and
+augmentation (the device and precision a run uses: :mod:`mimia.devices`).
 
 AdamW (betas 0.9/0.95) with no weight decay on biases and norms, lr = blr * effective batch /
 256, per-iteration cosine schedule after a linear warm-up, optional RandomResizedCrop + flip.
@@ -15,12 +15,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+RUNTIME_KNOBS = ("device", "compile", "precision")
+"""TrainConfig fields that say how a run goes, not what it trains: not in its fingerprint."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run's settings: a ``pretrain``/``adapt`` config section (whose defaults
     live in the experiment schema, see :meth:`from_section`) plus the seed and the runtime
-    knobs ``device`` and ``compile``, which change how it runs, not what it computes.
+    knobs ``device``, ``compile`` and ``precision``, which change how it runs, not what it
+    computes (beyond float rounding).
 
     Two settings say where it runs and are easily confused: ``devices`` is the number of
     processes (one per GPU) that train together with DDP; it is part of the recipe, since each
@@ -45,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    precision: str = "auto"  # mimia.devices.PRECISIONS: bf16 autocast on CUDA by default
 
     @classmethod
     def from_section(
@@ -66,13 +71,7 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """What the trained weights depend on (a resume file must match it): not the device."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return repr({k: v for k, v in fields.items() if k not in ("device", "compile")})
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return repr({k: v for k, v in fields.items() if k not in RUNTIME_KNOBS})
 
 
 def lr_at(epoch_progress: float, cfg: TrainConfig) -> float:

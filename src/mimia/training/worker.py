@@ -12,10 +12,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mimia.devices import process_group_backend, resolve_device
 from mimia.training.early_stopping import EarlyStopping
 from mimia.training.engines import DDP
 from mimia.training.loop import fit
-from mimia.training.recipe import TrainConfig, resolve_device
+from mimia.training.recipe import TrainConfig
 
 # How long a rank waits for the others at a collective before the run fails.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -44,7 +45,7 @@ def _worker(payload_path: str, result_path: str) -> None:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(process_group_backend(device), timeout=COLLECTIVE_TIMEOUT)
     try:
         model = build_model(ModelSpec.from_dict(job["spec"]))
         model.load_state_dict(job["state"])
