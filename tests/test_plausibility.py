@@ -169,8 +169,8 @@ def test_an_untrained_decoder_refuses_no_stated_head_count(tmp_path):
     torch.manual_seed(1)
     path = tmp_path / "untrained.pth"
     torch.save({"model": _official(build_model(SPEC))}, path)
-    records = [_check(path, _heads(SPEC, num_heads=h)) for h in (1, 2, 4, 8, 16, 32, 64)]
-    records += [_check(path, _heads(SPEC, decoder_num_heads=h)) for h in (1, 2, 8, 16, 32)]
+    records = [_check(path, _heads(SPEC, num_heads=h)) for h in (1, 4, 8, 64)]
+    records += [_check(path, _heads(SPEC, decoder_num_heads=h)) for h in (1, 8, 32)]
     assert all(r["outcome"] == "passed" for r in records)
     largest = max(r["relative_gap"] for r in records)
     print(f"untrained: largest best-vs-stated gap {largest:.1%}")
