@@ -261,3 +261,58 @@ def test_workflow_imports_instead_of_training_the_target(tmp_path):
     }
     assert counts["import_target"] == 1
     assert counts["pretrain"] == 1  # shadow0 only: the target is imported, not trained
+
+
+def test_workflow_checks_stated_heads_against_a_released_decoder(tmp_path):
+    """The import job of a release with its decoder scores the stated heads and eps on the
+    first target_member images (an untrained release here: a near tie, so it passes) and
+    records the outcome in the target's sidecar."""
+    spec = model_spec(_exp(tmp_path / "release.pth", ["released"], "mae"))
+    torch.manual_seed(0)
+    release = {
+        k.removeprefix("encoder.").removeprefix("decoder."): v
+        for k, v in build_model(spec).state_dict().items()
+    }
+    torch.save({"model": release}, tmp_path / "release.pth")
+    config = {
+        "defaults": {
+            "dataset": {"name": "digits", "img_size": 16},
+            "model": {**MODEL, "norm_eps": 1e-6, "norm_pix_loss": False},
+            "shadow": {"count": 1},
+            "decoder": ["released"],
+        },
+        "experiments": {
+            "audit": {"target": {"checkpoint": str(tmp_path / "release.pth"), "format": "mae"}}
+        },
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    target = "results/audit/models/target-imported/model.safetensors"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(ROOT / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(tmp_path / "config.yaml"),
+            "--cores",
+            "1",
+            "--quiet",
+            "all",
+            "--",
+            target,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    sidecar = json.loads((tmp_path / target).with_suffix(".json").read_text())
+    check = sidecar["info"]["imported"]["plausibility"]
+    assert check["ran"] and check["outcome"] == "passed" and check["images"] == 32
+    assert check["stated"] == {"num_heads": 2, "decoder_num_heads": 2, "norm_eps": 1e-6}
+    log = (tmp_path / "results/logs/audit/pretrain/import_target.log").read_text()
+    assert "plausibility check of target checkpoint" in log and "<- stated" in log

@@ -6,15 +6,20 @@ after a few hundred steps its attention is specific to its head layout, as a rel
 is, so the true head count reconstructs clearly best.
 """
 
+import io
+import json
+import tarfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mimia.masking import random_masks
 from mimia.models import build_model
-from mimia.models.checkpoint import import_checkpoint
+from mimia.models.checkpoint import import_checkpoint, load_model
 from mimia.models.plausibility import (
     MAX_IMAGES,
     RELATIVE_MARGIN,
@@ -23,6 +28,7 @@ from mimia.models.plausibility import (
     check_import,
 )
 from mimia.models.spec import ModelSpec
+from mimia.stages import import_target
 
 SPEC = ModelSpec(
     encoder_overrides={"embed_dim": 64, "depth": 2, "num_heads": 4},
@@ -199,3 +205,46 @@ def test_without_a_released_decoder_the_check_is_skipped_and_says_why(release, t
     model, _ = import_checkpoint(release, "mae", SPEC, stated=STATED)
     record = check_heads_and_eps(model, AUDIT, IDS, vary=[])
     assert record["outcome"] == "skipped" and "records heads" in record["reason"]
+
+
+def _shard(path: Path, images: torch.Tensor, ids: list[str]) -> Path:
+    """A webdataset shard as mimia's shard job writes it (png, cls, json per sample)."""
+    with tarfile.open(path, "w") as tar:
+        for sid, img in zip(ids, images, strict=True):
+            buf = io.BytesIO()
+            pixels = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(buf, format="PNG")
+            meta = json.dumps({"sample_id": sid, "role": "target_member", "label": 0}).encode()
+            for ext, data in (("cls", b"0"), ("json", meta), ("png", buf.getvalue())):
+                info = tarfile.TarInfo(f"{sid}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_the_import_stage_records_the_check_and_refuses_a_wrong_head_count(release, tmp_path):
+    shard = _shard(tmp_path / "target_member-000000.tar", AUDIT, IDS)
+
+    def stage(spec: ModelSpec, out: Path) -> dict:
+        import_target(
+            checkpoint=release,
+            weights=out,
+            sidecar=out.with_suffix(".json"),
+            format="mae",
+            spec=spec.to_dict(),
+            needs_decoder=True,
+            stated=STATED,
+            images=[shard],
+        )
+        return json.loads(out.with_suffix(".json").read_text())["info"]["imported"]
+
+    info = stage(SPEC, tmp_path / "ok" / "model.safetensors")
+    check = info["plausibility"]
+    assert check["ran"] and check["outcome"] == "passed" and check["images"] == MAX_IMAGES
+    assert check["stated"] == {"num_heads": 4, "decoder_num_heads": 4, "norm_eps": 1e-6}
+    # The stated setting, the 6 other divisors of 64, the 5 of 32 and the 2 other epsilons.
+    assert len(check["candidates"]) == 1 + 6 + 5 + 2
+    assert load_model(tmp_path / "ok" / "model.safetensors").spec == SPEC
+    with pytest.raises(ImplausibleArchitectureError, match=r"num_heads=8, .*num_heads=4,"):
+        stage(_heads(SPEC, num_heads=8), tmp_path / "bad" / "model.safetensors")
+    assert not (tmp_path / "bad").exists()
