@@ -19,12 +19,11 @@ from PIL import Image
 
 from mimia.masking import random_masks
 from mimia.models import build_model
-from mimia.models.checkpoint import import_checkpoint, load_model
+from mimia.models.checkpoint import import_checkpoint, load_model, save_model
 from mimia.models.plausibility import (
     MAX_IMAGES,
     RELATIVE_MARGIN,
     ImplausibleArchitectureError,
-    check_heads_and_eps,
     check_import,
 )
 from mimia.models.spec import ModelSpec
@@ -203,7 +202,9 @@ def test_without_a_released_decoder_the_check_is_skipped_and_says_why(release, t
     assert "not used in this run's decoder modes" in check_import(model, info, AUDIT, IDS)["reason"]
     # A checkpoint that records heads and eps (a mimia sidecar) leaves nothing to check.
     model, _ = import_checkpoint(release, "mae", SPEC, stated=STATED)
-    record = check_heads_and_eps(model, AUDIT, IDS, vary=[])
+    save_model(model, tmp_path / "mimia" / "model.safetensors", {"decoder_released": True})
+    model, info = import_checkpoint(tmp_path / "mimia" / "model.safetensors", "mimia")
+    record = check_import(model, info, AUDIT, IDS)
     assert record["outcome"] == "skipped" and "records heads" in record["reason"]
 
 

@@ -260,10 +260,13 @@ def check_import(
     what: str = "the target checkpoint",
 ) -> dict[str, Any]:
     """:func:`check_heads_and_eps` as an import runs it, from the importer's ``info``: on the
-    released decoder only, varying only the fields the checkpoint does not record. Without a
-    released decoder (or images) it logs why it could not run and records that."""
+    released decoder only, varying only the fields the checkpoint does not record. Where it
+    cannot run it logs why and records that."""
+    vary = [f for f in CHECKED_FIELDS if f in set(info.get("unrecorded", ()))]
     skip = None
-    if info.get("decoder_ignored"):
+    if not vary:
+        skip = "the checkpoint records heads and LayerNorm eps: nothing stated to check"
+    elif info.get("decoder_ignored"):
         skip = (
             "the checkpoint's decoder is not used in this run's decoder modes (encoder only), "
             "so its heads and norm_pix_loss are not stated"
@@ -271,9 +274,8 @@ def check_import(
     elif not info.get("decoder_released"):
         skip = "the checkpoint carries no decoder to reconstruct with"
     elif images is None:
-        skip = "no audit images were given"
+        skip = "no audit images were given (the import job reads them for decoder 'released')"
     if skip:
         print(f"plausibility check of {what} did not run: {skip}", file=sys.stderr, flush=True)
         return {"ran": False, "outcome": "skipped", "reason": skip, "rule": RULE}
-    vary = [f for f in CHECKED_FIELDS if f in set(info.get("unrecorded", ()))]
     return check_heads_and_eps(model, images, sample_ids, vary, what)
