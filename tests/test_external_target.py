@@ -316,3 +316,28 @@ def test_workflow_checks_stated_heads_against_a_released_decoder(tmp_path):
     assert check["stated"] == {"num_heads": 2, "decoder_num_heads": 2, "norm_eps": 1e-6}
     log = (tmp_path / "results/logs/audit/pretrain/import_target.log").read_text()
     assert "plausibility check of target checkpoint" in log and "<- stated" in log
+
+
+def test_encoder_only_modes_ignore_a_mimia_target_decoder_unlike_the_config(tmp_path):
+    ckpt = tmp_path / "target" / "model.safetensors"
+    released = _exp(ckpt, ["released"], "mimia", decoder_embed_dim=48, decoder_depth=2)
+    torch.manual_seed(0)
+    save_model(build_model(model_spec(released)), ckpt, {"decoder_released": True})
+
+    def config(decoder: list[str]) -> dict:
+        target = {"checkpoint": str(ckpt), "format": "mimia"}
+        audit = {"dataset": {"img_size": 16}, "target": target}
+        return {
+            "defaults": {"model": {"recipe": "mae", **MODEL}},
+            "experiments": {"audit": audit | {"decoder": decoder}},
+        }
+
+    # Scored with the shadow's or the adapted decoder, the target's own is not compared ...
+    resolve_experiments(config(["shadow", "adapted"]))
+    info = import_stage(
+        _exp(ckpt, ["shadow", "adapted"], "mimia"), ckpt, tmp_path / "out" / "model.safetensors"
+    )
+    assert info["decoder_released"] and info["plausibility"]["outcome"] == "skipped"
+    # ... but with decoder 'released' it is the audited decoder, and must be the section's.
+    with pytest.raises(ValueError, match=r"model\.decoder_embed_dim: checkpoint 48, config 32"):
+        resolve_experiments(config(["released"]))
