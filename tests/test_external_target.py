@@ -261,3 +261,83 @@ def test_workflow_imports_instead_of_training_the_target(tmp_path):
     }
     assert counts["import_target"] == 1
     assert counts["pretrain"] == 1  # shadow0 only: the target is imported, not trained
+
+
+def test_workflow_checks_stated_heads_against_a_released_decoder(tmp_path):
+    """The import job of a release with its decoder scores the stated heads and eps on the
+    first target_member images (an untrained release here: a near tie, so it passes) and
+    records the outcome in the target's sidecar."""
+    spec = model_spec(_exp(tmp_path / "release.pth", ["released"], "mae"))
+    torch.manual_seed(0)
+    release = {
+        k.removeprefix("encoder.").removeprefix("decoder."): v
+        for k, v in build_model(spec).state_dict().items()
+    }
+    torch.save({"model": release}, tmp_path / "release.pth")
+    config = {
+        "defaults": {
+            "dataset": {"name": "digits", "img_size": 16},
+            "model": {**MODEL, "norm_eps": 1e-6, "norm_pix_loss": False},
+            "shadow": {"count": 1},
+            "decoder": ["released"],
+        },
+        "experiments": {
+            "audit": {"target": {"checkpoint": str(tmp_path / "release.pth"), "format": "mae"}}
+        },
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    target = "results/audit/models/target-imported/model.safetensors"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(ROOT / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(tmp_path / "config.yaml"),
+            "--cores",
+            "1",
+            "--quiet",
+            "all",
+            "--",
+            target,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    sidecar = json.loads((tmp_path / target).with_suffix(".json").read_text())
+    check = sidecar["info"]["imported"]["plausibility"]
+    assert check["ran"] and check["outcome"] == "passed" and check["images"] == 32
+    assert check["stated"] == {"num_heads": 2, "decoder_num_heads": 2, "norm_eps": 1e-6}
+    log = (tmp_path / "results/logs/audit/pretrain/import_target.log").read_text()
+    assert "plausibility check of target checkpoint" in log and "<- stated" in log
+
+
+def test_encoder_only_modes_ignore_a_mimia_target_decoder_unlike_the_config(tmp_path):
+    ckpt = tmp_path / "target" / "model.safetensors"
+    released = _exp(ckpt, ["released"], "mimia", decoder_embed_dim=48, decoder_depth=2)
+    torch.manual_seed(0)
+    save_model(build_model(model_spec(released)), ckpt, {"decoder_released": True})
+
+    def config(decoder: list[str]) -> dict:
+        target = {"checkpoint": str(ckpt), "format": "mimia"}
+        audit = {"dataset": {"img_size": 16}, "target": target}
+        return {
+            "defaults": {"model": {"recipe": "mae", **MODEL}},
+            "experiments": {"audit": audit | {"decoder": decoder}},
+        }
+
+    # Scored with the shadow's or the adapted decoder, the target's own is not compared ...
+    resolve_experiments(config(["shadow", "adapted"]))
+    info = import_stage(
+        _exp(ckpt, ["shadow", "adapted"], "mimia"), ckpt, tmp_path / "out" / "model.safetensors"
+    )
+    assert info["decoder_released"] and info["plausibility"]["outcome"] == "skipped"
+    # ... but with decoder 'released' it is the audited decoder, and must be the section's.
+    with pytest.raises(ValueError, match=r"model\.decoder_embed_dim: checkpoint 48, config 32"):
+        resolve_experiments(config(["released"]))

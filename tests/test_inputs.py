@@ -310,6 +310,16 @@ def test_an_mae_release_imports_only_what_the_user_wrote_and_logs_every_source(t
     assert sources["norm_eps"] == "user's config (model.norm_eps)"
     assert sources["depth"] == "weights blocks.N"
     assert sources["mean"] == "default (model.mean not written)"
+    # What the weights do not record, for the plausibility check (mimia.models.plausibility).
+    assert info["unrecorded"] == [
+        "decoder_num_heads",
+        "mask_patch_size",
+        "mean",
+        "norm_eps",
+        "norm_pix_loss",
+        "num_heads",
+        "std",
+    ]
     log = capfd.readouterr().err
     assert "model.norm_eps" in log and "<- user's config (model.norm_eps)" in log
     assert "given (config)" not in log
@@ -323,6 +333,7 @@ def test_an_mae_release_imports_only_what_the_user_wrote_and_logs_every_source(t
     )
     info = _stage(exp, ckpt2, tmp_path / "t3" / "model.safetensors")
     assert info["spec_sources"]["norm_pix_loss"] == "args.norm_pix_loss"
+    assert "norm_pix_loss" not in info["unrecorded"] and "num_heads" in info["unrecorded"]
 
 
 def test_checkpoint_args_of_the_wrong_type_are_refused(tmp_path):

@@ -113,14 +113,18 @@ def import_target(
     spec: dict,
     needs_decoder: bool,
     stated: Sequence[str] | None = None,
+    images: Sequence[PathLike] = (),
 ) -> None:
     """Bring released target weights into mimia's format (checked against ``spec``).
 
     ``stated``: for timm and mae checkpoints, the fields of ``spec`` the user wrote; a field
-    the checkpoint does not record must be one of them.
+    the checkpoint does not record must be one of them. ``images``: shards whose first images
+    test the stated heads and LayerNorm eps against the released decoder
+    (:mod:`mimia.models.plausibility`); the outcome goes into the sidecar.
     """
     from mimia.models import ModelSpec
     from mimia.models.checkpoint import import_checkpoint, save_model
+    from mimia.models.plausibility import check_import
 
     # A released encoder keeps its own normalisation, and in the encoder-only modes its
     # decoder is replaced, so those fields need not match the model section.
@@ -136,12 +140,32 @@ def import_target(
             f"target checkpoint {checkpoint} has no decoder, so decoder mode 'released' cannot "
             f"run; use decoder: [shadow, adapted]"
         )
+    ids, pixels = _first_images(images) if images else ([], None)
+    info["plausibility"] = check_import(
+        model, info, pixels, ids, what=f"target checkpoint {checkpoint}"
+    )
     save_model(
         model,
         weights,
         {"model": TARGET, "imported": info, "decoder_released": info["decoder_released"]},
     )
     _same_paths(weights, sidecar)
+
+
+def _first_images(shards: Sequence[PathLike]):
+    """Ids and pixels in [0, 1] of the first images the plausibility check takes, in shard
+    order (reading no further: a shard may hold thousands)."""
+    from itertools import islice
+
+    import torch
+
+    from mimia.data.shards import shard_dataset
+    from mimia.models.plausibility import MAX_IMAGES
+
+    items = list(islice(shard_dataset(shards), MAX_IMAGES))
+    if not items:
+        return [], None
+    return [sid for sid, _, _ in items], torch.stack([img for _, img, _ in items]).float() / 255
 
 
 def adapt_decoder(

@@ -115,6 +115,17 @@ def pretrain_inputs(wildcards):
     }
 
 
+def import_inputs(wildcards):
+    e = wildcards.experiment
+    exp = EXPERIMENTS[e]
+    inputs = {"checkpoint": exp["target"]["checkpoint"]}
+    if OWN_DECODER in exp["decoder"]:
+        # The first audit images, on which the released decoder tests the stated heads and
+        # LayerNorm eps (mimia.models.plausibility).
+        inputs["images"] = shard_files(e, ["target_member"])[:1]
+    return inputs
+
+
 def adapt_inputs(wildcards):
     e = wildcards.experiment
     lay = Layout(RESULTS, e)

@@ -39,7 +39,7 @@ rule pretrain:
 
 rule import_target:
     input:
-        checkpoint=lambda wc: EXPERIMENTS[wc.experiment]["target"]["checkpoint"],
+        unpack(import_inputs),
     output:
         multiext(
             f"{EXP}/models/{IMPORTED_TARGET}/model",

@@ -26,7 +26,8 @@ is refused unless they are given.
 
 Every importer returns ``(model, info)``; ``info`` is JSON-serialisable (so it can be handed to
 :func:`save_model`) and says at least ``format``, ``source``, ``sha256`` of the weights file,
-``spec_sources`` (field -> where it came from) and ``decoder_released``: when the checkpoint
+``spec_sources`` (field -> where it came from), ``unrecorded`` (the fields the checkpoint does
+not record, so the caller's values were taken) and ``decoder_released``: when the checkpoint
 carries no decoder (encoder-only releases), the model's decoder is freshly initialised from
 ``decoder_init_seed`` and must not be read as the released model's decoder.
 
@@ -580,6 +581,13 @@ def _hint_finetuned(sd: Mapping[str, torch.Tensor], ignored: list[str]) -> str:
     return ""
 
 
+def _unrecorded(spec: ModelSpec, facts: Mapping[str, Any]) -> list[str]:
+    """Architecture fields the checkpoint does not record: the user's or defaults (for
+    :mod:`mimia.models.plausibility`, which can test heads and eps against a decoder)."""
+    # The recipe is the state dict's layout, which the importer chose by it.
+    return sorted(k for k in architecture(spec) if k not in facts and k != "recipe")
+
+
 def _base_info(fmt: str, path: Path, weights: Path, seed: int) -> dict[str, Any]:
     return {
         "format": fmt,
@@ -657,6 +665,7 @@ def import_timm_encoder(
         "decoder_released": False,
         "ignored_keys": ignored,
         "spec_sources": sources,
+        "unrecorded": _unrecorded(spec, checkpoint_facts(sd)),
     }
     return model.eval(), info
 
@@ -730,6 +739,7 @@ def import_mae_checkpoint(
         "decoder_ignored": decoder_ignored,
         "ignored_keys": ignored,
         "spec_sources": sources,
+        "unrecorded": _unrecorded(spec, checkpoint_facts(sd, args)),
     }
     if args is not None:
         info["official_args"] = _plain_args(args)
@@ -900,6 +910,9 @@ def import_hf_vitmae(
         "ignored_keys": [],
         "spec_sources": sources,
         "sincos_filled": fixed,
+        "unrecorded": _unrecorded(
+            spec, facts if declared is None else {**facts, "mean": mean, "std": std}
+        ),
     }
     return model.eval(), info
 
@@ -950,6 +963,7 @@ def import_checkpoint(
             "decoder_released": bool(sidecar.get("info", {}).get("decoder_released", True)),
             "sidecar_info": sidecar.get("info", {}),
             "spec_sources": sources,
+            "unrecorded": [],
         }
     if spec is not None:
         diffs = spec_differences(model.spec, spec, ignore=ignore)
