@@ -1,6 +1,6 @@
 """bench/gpu.py's smoke mode on the CPU: every section runs with tiny models (torch.compile
 only with --cpu-compile), so the script that waits for a GPU session does not rot in between.
-The sections that start heavy subprocesses are in a slow test."""
+bench/extract.py's subprocess is in a slow test; the workflow section runs by hand."""
 
 import json
 import os
@@ -44,13 +44,12 @@ def test_smoke_mode_runs_every_cpu_branch(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_mode_runs_the_workflow_and_extract_bench(tmp_path):
-    # The sections that start heavy subprocesses: bench/extract.py builds a ViT-B/16 and an HF
-    # ViTMAE at 224 px; the workflow runs twice on the CPU (the "device" run is a CPU run with
-    # gpu_share 4 here), so the comparison must find the summaries equal.
-    run, record = _bench(tmp_path, "extract_bench", "workflow")
+def test_smoke_mode_runs_extract_bench(tmp_path):
+    # bench/extract.py in a subprocess builds a ViT-B/16 and an HF ViTMAE at 224 px. The
+    # workflow section is left to a hand run (`bench/gpu.py --device cpu --sections workflow`,
+    # about 3 min): on the CPU its two runs are the same CPU run, and the GPU share it uses is
+    # run for real by test_gpu_share.
+    run, record = _bench(tmp_path, "extract_bench")
     assert record["errors"] == {}, record["errors"]
     assert run.returncode == 0, run.stdout[-3000:]
     assert record["sections"]["extract_bench"]["mimia_over_naive"] > 0
-    rows = record["sections"]["workflow"]["rows"]
-    assert rows and all(r["gap"] == 0 for r in rows), rows
