@@ -41,8 +41,6 @@ MEANING = (
     "FPR on reference models: it estimates a proportion over the whole collection and is not "
     "evidence that any single image was used (or not)."
 )
-# Decoders the reference models' rates describe (each reference is scored with its own decoder).
-CALIBRATED_DECODERS = frozenset({"released"})
 UNCALIBRATED_NOTE = (
     "status 'uncalibrated': the target is scored under an encoder-only decoder, while the "
     "reference models that give TPR and FPR are scored with their own decoders; the rates do "
@@ -380,7 +378,9 @@ def usage_stage(
                     f"{path} lacks scores of {len(missing)} images of collection {name!r}"
                 )
             result = estimator.estimate(np.array([by_id[s] for s in ids]))
-            if result.status == "estimate" and decoder not in CALIBRATED_DECODERS:
+            # The reference models are scored with their own decoders: only that mode's rates
+            # describe the target's scoring.
+            if result.status == "estimate" and decoder != OWN_DECODER:
                 result = _uncalibrated(result, decoder)
             rows.append(
                 {
@@ -417,7 +417,7 @@ def validation_summary(frame: pl.DataFrame) -> list[dict]:
     estimate, the mean CI width (what a decoder mode costs), how often the CI holds the truth;
     for collections with f = 0, how often the CI excludes 0 (a false accusation). Uncalibrated
     rows are validated too (``status`` says which): that is how they were found wanting."""
-    ok = frame.filter(pl.col("status").is_in(["estimate", "uncalibrated"]))
+    ok = frame.filter(pl.col("estimate").is_not_null())
     out = []
     groups = ok.group_by(["decoder", "attack", "status"], maintain_order=True)
     for (decoder, attack, status), g in groups:
@@ -460,7 +460,7 @@ def _rates_source(attack: str, models, decoder: str, estimator: UsageEstimator) 
         f"adversary's {estimator.reference_scores_.shape[1]} images of known membership; "
         "threshold maximising TPR - FPR"
     )
-    if decoder != "released":
+    if decoder != OWN_DECODER:
         text += (
             f"; the target is scored under the {decoder!r} decoder, so these rates need not "
             "hold for it (status 'uncalibrated')"

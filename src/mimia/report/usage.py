@@ -28,7 +28,7 @@ def usage_figure(frame: pl.DataFrame, out) -> None:
             g = frame.filter(
                 (pl.col("decoder") == decoder)
                 & (pl.col("attack") == attack)
-                & pl.col("status").is_in(["estimate", "uncalibrated"])
+                & pl.col("estimate").is_not_null()
             ).sort("true_fraction")
             if g.is_empty():
                 continue
