@@ -439,7 +439,8 @@ def _snakemake(workdir: Path, config: dict, *args: str) -> tuple[int, float, str
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    return run.returncode, time.perf_counter() - t0, run.stderr[-3000:]
+    # Snakemake 9 prints a failed job's error on stdout, its progress on stderr.
+    return run.returncode, time.perf_counter() - t0, (run.stdout + run.stderr)[-3000:]
 
 
 def section_workflow(args, sizes: Sizes, device, out: dict) -> list[str]:

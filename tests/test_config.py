@@ -212,6 +212,21 @@ def test_online_attacks_switch_the_reference_models_to_online_training():
     assert exps["digits-mae"]["shadow"]["online"] is False
 
 
+def test_one_reference_model_refuses_attacks_fitted_on_references_before_any_job():
+    cfg = default_config()
+    cfg["experiments"] = {
+        "m1": {"shadow": {"count": 1}, "attacks": {"threshold": {}, "lira": {}}},
+    }
+    # Offline LiRA fits on shadow0's own errors and scores the target with shadow0 alone.
+    assert resolve_experiments(cfg)["m1"]["shadow"]["count"] == 1
+    for key, kind in (("rmia_a", "rmia"), ("lira_reference", "lira_reference")):
+        bad = copy.deepcopy(cfg)
+        bad["experiments"]["m1"]["attacks"][key] = {"attack": kind}
+        message = rf"attack '{key}' \({kind}\) .* needs shadow.count >= 2 \(got 1\)"
+        with pytest.raises(ValueError, match=message):
+            resolve_experiments(bad)
+
+
 def test_config_resolution_imports_no_torch():
     import subprocess
     import sys

@@ -225,7 +225,10 @@ def test_cifar10_references_and_fixed_steps_dry_run(tmp_path, folder):
     mine = resolve_experiments(yaml.safe_load(preset.read_text()))
     assert mine["cifar10-regime"] == regime["cifar10-regime"]
     counts = {n: e["shadow"]["count"] for n, e in experiments.items() if "references" in n}
-    assert sorted(counts.values()) == [1, 2, 4, 8]
+    assert sorted(counts.values()) == [2, 4, 8]
+    # One reference model: the same target and shadow0, the attacks that can be fitted on it.
+    m1 = experiments["cifar10-regime-m1"]
+    assert m1["shadow"]["count"] == 1 and sorted(m1["attacks"]) == ["lira", "random", "threshold"]
     # Each steps value sets the roles and the epochs together: images x epochs is constant.
     for n, e in roles:
         exp = experiments[f"cifar10-regime__steps-{n}_{e}"]
@@ -245,14 +248,16 @@ def test_digits_references_preset_sweeps_the_reference_count_offline_and_online(
     experiments = resolve_experiments(config)
     offline = {e["shadow"]["count"]: e for n, e in experiments.items() if "online" not in n}
     online = {e["shadow"]["count"]: e for n, e in experiments.items() if "online" in n}
-    assert sorted(offline) == [2, 4, 8] and sorted(online) == [4]
+    assert sorted(offline) == [1, 2, 4, 8, 16] and sorted(online) == [4]
+    assert sorted(offline[1]["attacks"]) == ["lira", "threshold"]
     assert not any(e["shadow"]["online"] for e in offline.values())
     assert all(e["shadow"]["online"] for e in online.values())
     assert {e["attacks"]["lira_online"]["mode"] for e in online.values()} == {"online"}
-    assert _count(jobs, "pretrain", model="shadow7") == 1  # references-8
-    assert _count(jobs, "extract", model="shadow7") == len(ROLES)
-    # shadow3: the two bases (4 each), references 4 and 8, and references_online 4.
-    assert _count(jobs, "pretrain", model="shadow3") == 5
+    assert _count(jobs, "pretrain", model="shadow15") == 1  # references-16
+    assert _count(jobs, "pretrain", model="shadow7") == 2  # references-8 and -16
+    assert _count(jobs, "extract", model="shadow7") == 2 * len(ROLES)
+    # shadow3: the two bases (4 each), references 4, 8 and 16, and references_online 4.
+    assert _count(jobs, "pretrain", model="shadow3") == 6
 
 
 def test_shadow_model_i_does_not_depend_on_the_number_of_shadow_models(tmp_path):

@@ -318,7 +318,7 @@ def _check_target(exp: dict, spec, stated: Iterable[str] = ()) -> None:
 
 
 def _check_attacks(exp: dict) -> None:
-    from mimia.attacks import needs_online_references, validate_entry
+    from mimia.attacks import needs_fit_references, needs_online_references, validate_entry
 
     ratios = exp["extract"]["mask_ratios"]
     online = False
@@ -327,6 +327,13 @@ def _check_attacks(exp: dict) -> None:
             raise ValueError(f"attack result name {key!r} must match {NAME.pattern}")
         kind, params = validate_entry(key, entry, ratios)
         online |= needs_online_references(kind, params)
+        if exp["shadow"]["count"] < 2 and needs_fit_references(kind, params):
+            # Caught here, not by the attack job after every model has trained.
+            raise ValueError(
+                f"attack {key!r} ({kind}) is fitted on shadow0 with shadow1..N-1 as its "
+                f"reference models and needs shadow.count >= 2 (got "
+                f"{exp['shadow']['count']}); raise shadow.count or drop {key!r}"
+            )
     # Online attacks need reference models that trained on the queried images: one switch.
     exp["shadow"]["online"] = exp["shadow"]["online"] or online
 

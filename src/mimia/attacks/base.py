@@ -108,6 +108,11 @@ class Attack:
         """Scoring needs reference models trained on the audited samples (online attacks)."""
         return False
 
+    def fits_on_references(self) -> bool:
+        """``fit`` needs reference models: on shadow0 those are shadow1..N-1, so the workflow
+        needs ``shadow.count >= 2``."""
+        return "references" in (self.inputs if self.fit_inputs is None else self.fit_inputs)
+
     # -- fitting and scoring -------------------------------------------------------------------
     def fit(self, X: Observations, y=None) -> Attack:
         """Learn from the adversary's observations ``X`` and their membership ``y``."""
@@ -299,6 +304,11 @@ def validate_entry(name: str, entry: dict | None, mask_ratios: Sequence[float]) 
 def requires_embeddings(kind: str) -> bool:
     """The attack scores EncoderMI view similarities (the workflow must embed)."""
     return "similarities" in attack_class(kind).inputs
+
+
+def needs_fit_references(kind: str, params: dict | None) -> bool:
+    """The configured attack cannot be fitted on shadow0 without other reference models."""
+    return build_attack(kind, **dict(params or {})).fits_on_references()
 
 
 def needs_online_references(kind: str, params: dict | None) -> bool:

@@ -110,6 +110,10 @@ class RMIA(Attack):
     def uses_in_references(self) -> bool:
         return self.mode == "online"
 
+    def fits_on_references(self) -> bool:
+        # Tuning ``a`` and the threshold both rank likelihood ratios, which need references.
+        return True
+
     def _probabilities(self, e: np.ndarray, tau: np.ndarray) -> np.ndarray:
         """``p(x | theta)`` from mean errors ``[..., N, R]`` and temperatures ``[..., 1, R]``."""
         if self.temperature is not None:
