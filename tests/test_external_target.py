@@ -11,6 +11,7 @@ import timm
 import torch
 import yaml
 from safetensors.torch import save_file
+from test_workflow import _snakemake
 
 from mimia.config import model_spec, resolve_experiments
 from mimia.models import build_model
@@ -18,7 +19,6 @@ from mimia.models.checkpoint import load_model, save_model
 from mimia.models.spec import IMAGENET_MEAN, declared_spec, spec_differences
 from mimia.stages import import_target
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = {
     "encoder": "vit_tiny_patch16_224",
     "encoder_overrides": {"embed_dim": 32, "depth": 2, "num_heads": 2},
@@ -225,6 +225,7 @@ def test_workflow_imports_instead_of_training_the_target(tmp_path):
             # A timm file records neither heads nor LayerNorm eps: the config states both.
             "model": {**MODEL, "norm_eps": 1e-6},
             "shadow": {"count": 1},
+            "attacks": {"threshold": {}, "lira": {}},  # fitted without a second reference
             "decoder": ["shadow", "adapted"],
         },
         "experiments": {
@@ -232,27 +233,7 @@ def test_workflow_imports_instead_of_training_the_target(tmp_path):
         },
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(ROOT / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(tmp_path / "config.yaml"),
-            "--cores",
-            "1",
-            "-n",
-            "--quiet",
-            "rules",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = _snakemake(tmp_path, "-n", "--quiet", "rules")
     assert run.returncode == 0, run.stderr[-3000:]
     counts = {
         line.split()[0]: int(line.split()[1])
@@ -279,6 +260,7 @@ def test_workflow_checks_stated_heads_against_a_released_decoder(tmp_path):
             "dataset": {"name": "digits", "img_size": 16},
             "model": {**MODEL, "norm_eps": 1e-6, "norm_pix_loss": False},
             "shadow": {"count": 1},
+            "attacks": {"threshold": {}, "lira": {}},  # fitted without a second reference
             "decoder": ["released"],
         },
         "experiments": {
@@ -287,28 +269,7 @@ def test_workflow_checks_stated_heads_against_a_released_decoder(tmp_path):
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     target = "results/audit/models/target-imported/model.safetensors"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(ROOT / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(tmp_path / "config.yaml"),
-            "--cores",
-            "1",
-            "--quiet",
-            "all",
-            "--",
-            target,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = _snakemake(tmp_path, "--quiet", "all", "--", target)
     assert run.returncode == 0, run.stderr[-3000:]
     sidecar = json.loads((tmp_path / target).with_suffix(".json").read_text())
     check = sidecar["info"]["imported"]["plausibility"]
