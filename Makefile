@@ -25,8 +25,10 @@ run: venv
 report: run
 	$(BIN)/snakemake --report results/report.html
 
+# One pytest worker per core (pytest-xdist), a test file's tests on one worker: the workflow
+# tests' module fixtures run once, and single-threaded unit tests fill the other core.
 test: venv
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n auto --dist loadfile tests
 
 lint: venv
 	$(BIN)/ruff check src tests bench workflow/scripts
