@@ -28,7 +28,13 @@ def test_default_config_resolves_with_defaults_filled_from_the_schema():
     assert e["pretrain"]["betas"] == [0.9, 0.95] and e["adapt"]["epochs"] == 50
     assert e["pretrain"]["epochs"] == 300 and e["adapt"]["blr"] == e["pretrain"]["blr"]
     assert e["target"] == {"checkpoint": None, "format": "mimia"}
-    assert e["runtime"] == {"batch_size": 64, "compile": False, "device": "auto", "num_workers": 1}
+    assert e["runtime"] == {
+        "batch_size": 64,
+        "compile": False,
+        "device": "auto",
+        "num_workers": 1,
+        "precision": "auto",
+    }
     spec = model_spec(e)
     assert (spec.img_size, spec.patch_size, spec.num_patches) == (16, 4, 16)
     assert spec.encoder_overrides == {"depth": 4, "embed_dim": 64, "num_heads": 4}

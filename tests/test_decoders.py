@@ -56,7 +56,7 @@ def test_adaptation_freezes_the_target_encoder_and_reads_only_adversary_data(tin
         train_log=tmp_path / "log.parquet",
         train={"epochs": 3, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 1},
         seed=0,
-        runtime={"device": "cpu", "compile": False},
+        runtime={"device": "cpu", "compile": False, "precision": "bf16"},
     )
     adapted = load_model(out)
     for k, v in target.encoder.state_dict().items():
@@ -73,3 +73,4 @@ def test_adaptation_freezes_the_target_encoder_and_reads_only_adversary_data(tin
 
     info = json.loads(out.with_suffix(".json").read_text())["info"]
     assert info["num_train_images"] == 32  # shadow_member + shadow_nonmember, no target image
+    assert info["precision"] == "bf16"  # runtime.precision, recorded

@@ -113,6 +113,40 @@ def test_augmented_views_are_keyed_and_similarities_bounded(tiny_spec):
     assert (sims <= 1 + 1e-5).all() and (sims >= -1 - 1e-5).all()
 
 
+def test_extract_stage_runs_and_records_the_runtime_precision(tiny_spec, shard, tmp_path):
+    from mimia.models.checkpoint import save_model
+    from mimia.provenance import write_parquet
+    from mimia.stages import extract
+
+    torch.manual_seed(0)
+    save_model(build_model(tiny_spec).eval(), tmp_path / "model.safetensors")
+    manifest = tmp_path / "manifest.parquet"
+    write_parquet(pl.DataFrame({"sample_id": ["a"]}), manifest, {"manifest_sha256": "abc"})
+
+    def run(precision):
+        out = tmp_path / f"errors-{precision}.parquet"
+        extract(
+            checkpoint=tmp_path / "model.safetensors",
+            shard=shard,
+            manifest=manifest,
+            errors=out,
+            model="target",
+            decoder="released",
+            seed=3,
+            mask_ratios=[0.75],
+            num_masks=2,
+            runtime={"device": "cpu", "batch_size": 8, "num_workers": 0, "precision": precision},
+        )
+        return pl.read_parquet(out)["error"].to_numpy(), read_metadata(out)["precision"]
+
+    auto, auto_used = run("auto")
+    bf16, bf16_used = run("bf16")
+    # "auto" is float32 on the CPU; bf16 moves the errors within its rounding, and says so.
+    assert (auto_used, bf16_used) == ("fp32", "bf16")
+    rel = np.abs(bf16 - auto) / auto
+    assert 1e-6 < rel.max() < 0.02
+
+
 def test_embed_stage_computes_on_the_runtime_device(tiny_spec, shard, tmp_path):
     """The embed rule reserves a GPU, so the stage must compute on runtime.device: on CUDA
     it does (and agrees with the CPU), without CUDA asking for it is an error, not a silent

@@ -47,13 +47,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str = "auto"):
-    """The context a forward pass runs in: bf16 autocast or plain float32 (see PRECISIONS)."""
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """``bf16`` or ``fp32``: what ``precision`` (see PRECISIONS) means on ``device``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The context a forward pass runs in: bf16 autocast or plain float32 (see PRECISIONS)."""
+    if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

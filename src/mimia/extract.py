@@ -70,6 +70,7 @@ def extract_shard(
     batch_size: int = 64,
     num_workers: int = 1,
     metadata: dict[str, str] | None = None,
+    precision: str = "auto",
 ) -> int:
     """Write one shard's long-format error table; returns the number of rows."""
     schema = ERROR_SCHEMA.with_metadata(metadata or {})
@@ -77,7 +78,7 @@ def extract_shard(
     with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for ids, imgs, _ in shard_loader([shard], batch_size, num_workers):
             for ratio in mask_ratios:
-                res = score_batch(model, imgs, ids, seed, ratio, num_masks)
+                res = score_batch(model, imgs, ids, seed, ratio, num_masks, precision)
                 b = len(ids)
                 table = {
                     "sample_id": [s for s in ids for _ in range(num_masks)],

@@ -233,7 +233,7 @@ def extract(
 ) -> None:
     """Reconstruction errors of one shard under the K masks of every mask ratio, for the
     scoring model (``checkpoint``'s encoder with the decoder ``decoder`` names)."""
-    from mimia.devices import resolve_device
+    from mimia.devices import resolve_device, resolve_precision
     from mimia.extract import extract_shard, scoring_model
     from mimia.provenance import file_sha256, provenance, read_metadata
 
@@ -241,6 +241,7 @@ def extract(
         raise ValueError(f"shadow models are scored with their own decoder, not {decoder!r}")
     checkpoints = _checkpoints(checkpoint, shadow_decoder)
     device = resolve_device(runtime["device"])
+    precision = resolve_precision(device, runtime.get("precision", "auto"))
     scorer = scoring_model(decoder, checkpoints, device=str(device))
     meta = provenance(
         seed=seed,
@@ -253,6 +254,7 @@ def extract(
         decoder=decoder,
         mask_ratios=list(mask_ratios),
         num_masks=num_masks,
+        precision=precision,
     )
     extract_shard(
         scorer,
@@ -266,6 +268,7 @@ def extract(
         batch_size=runtime["batch_size"],
         num_workers=runtime["num_workers"],
         metadata=meta,
+        precision=precision,
     )
 
 

@@ -53,7 +53,13 @@ class TrainConfig:
 
     @classmethod
     def from_section(
-        cls, section: dict, *, seed: int = 0, device: str = "auto", compile: bool = False
+        cls,
+        section: dict,
+        *,
+        seed: int = 0,
+        device: str = "auto",
+        compile: bool = False,
+        precision: str = "auto",
     ) -> TrainConfig:
         """From a config section; keys it leaves out take the schema's ``pretrain`` defaults."""
         from mimia.schema import schema_defaults
@@ -61,7 +67,7 @@ class TrainConfig:
         values = {**schema_defaults("pretrain"), **section}
         for key in ("betas", "crop_scale"):
             values[key] = tuple(values[key])
-        return cls(seed=seed, device=device, compile=compile, **values)
+        return cls(seed=seed, device=device, compile=compile, precision=precision, **values)
 
     @property
     def lr(self) -> float:

@@ -195,12 +195,14 @@ def run(
     decoder of ``shadow`` (shadow0's checkpoint) fine-tuned on the frozen encoder of
     ``target`` (a checkpoint), on the adversary's images only (the shadow roles).
 
-    ``runtime``: ``device``, ``compile`` and optionally ``checkpoint_every`` (how often resume
-    files are written), which change how the run goes, not its weights.
+    ``runtime``: ``device``, ``compile``, ``precision`` and optionally ``checkpoint_every`` (how
+    often resume files are written), which change how the run goes, not what it learns
+    (``precision`` within bf16's rounding; the sidecar records the one used).
     """
     import polars as pl
 
     from mimia.data.shards import load_images
+    from mimia.devices import resolve_device, resolve_precision
     from mimia.provenance import read_metadata
 
     rows = pl.read_parquet(manifest)
@@ -218,7 +220,11 @@ def run(
     recipe = {k: v for k, v in train.items() if k not in ("dp", "early_stopping")}
     dp, early = train.get("dp"), train.get("early_stopping")
     cfg = TrainConfig.from_section(
-        recipe, seed=seed + seed_offset(model), device=runtime["device"], compile=runtime["compile"]
+        recipe,
+        seed=seed + seed_offset(model),
+        device=runtime["device"],
+        compile=runtime["compile"],
+        precision=runtime.get("precision", "auto"),
     )
     if "checkpoint_every" in runtime:
         cfg = dataclasses.replace(cfg, checkpoint_every=runtime["checkpoint_every"])
@@ -243,6 +249,8 @@ def run(
             history = train_mim(net, images, cfg, resume_path=resume, fingerprint=fingerprint)
     info |= {
         "seed": cfg.seed,
+        # bf16 autocast moves the weights (within bench/README.md's tolerances): recorded.
+        "precision": resolve_precision(resolve_device(cfg.device), cfg.precision),
         "num_train_images": len(ids),
         "manifest_sha256": read_metadata(manifest)["manifest_sha256"],
     }
@@ -286,6 +294,7 @@ _SIDECAR_KEYS = (
     "train_config",
     "adapt_config",
     "seed",
+    "precision",
     "num_train_images",
     "manifest_sha256",
     "target_sha256",
