@@ -113,20 +113,28 @@ def test_augmented_views_are_keyed_and_similarities_bounded(tiny_spec):
     assert (sims <= 1 + 1e-5).all() and (sims >= -1 - 1e-5).all()
 
 
-def test_extract_stage_runs_and_records_the_runtime_precision(tiny_spec, shard, tmp_path):
+@pytest.fixture
+def stage_inputs(tiny_spec, tmp_path):
+    """A saved random tiny model and a manifest stub: what the scoring stages read."""
     from mimia.models.checkpoint import save_model
     from mimia.provenance import write_parquet
-    from mimia.stages import extract
 
     torch.manual_seed(0)
     save_model(build_model(tiny_spec).eval(), tmp_path / "model.safetensors")
     manifest = tmp_path / "manifest.parquet"
     write_parquet(pl.DataFrame({"sample_id": ["a"]}), manifest, {"manifest_sha256": "abc"})
+    return tmp_path / "model.safetensors", manifest
+
+
+def test_extract_stage_runs_and_records_the_runtime_precision(stage_inputs, shard, tmp_path):
+    from mimia.stages import extract
+
+    checkpoint, manifest = stage_inputs
 
     def run(precision):
         out = tmp_path / f"errors-{precision}.parquet"
         extract(
-            checkpoint=tmp_path / "model.safetensors",
+            checkpoint=checkpoint,
             shard=shard,
             manifest=manifest,
             errors=out,
@@ -147,23 +155,18 @@ def test_extract_stage_runs_and_records_the_runtime_precision(tiny_spec, shard, 
     assert 1e-6 < rel.max() < 0.02
 
 
-def test_embed_stage_computes_on_the_runtime_device(tiny_spec, shard, tmp_path):
+def test_embed_stage_computes_on_the_runtime_device(stage_inputs, shard, tmp_path):
     """The embed rule reserves a GPU, so the stage must compute on runtime.device: on CUDA
     it does (and agrees with the CPU), without CUDA asking for it is an error, not a silent
     CPU run."""
-    from mimia.models.checkpoint import save_model
-    from mimia.provenance import write_parquet
     from mimia.stages import embed
 
-    torch.manual_seed(0)
-    save_model(build_model(tiny_spec).eval(), tmp_path / "model.safetensors")
-    manifest = tmp_path / "manifest.parquet"
-    write_parquet(pl.DataFrame({"sample_id": ["a"]}), manifest, {"manifest_sha256": "abc"})
+    checkpoint, manifest = stage_inputs
 
     def run(device):
         out = tmp_path / f"embeddings-{device}.parquet"
         embed(
-            checkpoint=tmp_path / "model.safetensors",
+            checkpoint=checkpoint,
             shards=[shard],
             manifest=manifest,
             embeddings=out,
