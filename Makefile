@@ -25,10 +25,8 @@ run: venv
 report: run
 	$(BIN)/snakemake --report results/report.html
 
-# One pytest worker per core (pytest-xdist), a test file's tests on one worker: the workflow
-# tests' module fixtures run once, and single-threaded unit tests fill the other core.
 test: venv
-	$(BIN)/pytest -q -n auto --dist loadfile tests
+	$(BIN)/pytest -q tests
 
 lint: venv
 	$(BIN)/ruff check src tests bench workflow/scripts
