@@ -58,6 +58,20 @@ def test_experiment_table_summary_and_markdown(tmp_path):
     out = summary(tables, tmp_path / "s.parquet", tmp_path / "s.csv", tmp_path / "s.md")
     assert out.height == 6
     assert out.filter(pl.col("experiment") == "base__k-4")["ablation_value"].to_list() == ["4"] * 3
+    # A value per parameter (images per role x epochs) is labelled by its distinct values.
+    steps = {
+        "name": "steps",
+        "parameter": ["split.target_member", "split.shadow_member", "pretrain.epochs"],
+        "value": {"split.target_member": 125, "split.shadow_member": 125, "pretrain.epochs": 240},
+        "order": 0,
+    }
+    line = experiment_metrics(
+        "base__steps-125_240", 3, steps, files, tmp_path / "x.json", tmp_path / "x.parquet"
+    ).row(0, named=True)
+    assert line["ablation_value"] == "125 x 240"
+    assert line["ablation_parameter"] == (
+        "split.target_member = split.shadow_member x pretrain.epochs"
+    )
     md = (tmp_path / "s.md").read_text()
     lira = out.filter((pl.col("attack") == "lira") & (pl.col("experiment") == "base")).row(
         0, named=True

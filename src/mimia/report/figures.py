@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -260,7 +261,8 @@ def ablation_figure(summary: pl.DataFrame, ablation: str, out):
                 label=f"{attack} ({decoder})",
             )
             ax.set_xticks(x, sub["ablation_value"].to_list(), fontsize=7)
-        ax.set_xlabel(rows["ablation_parameter"][0] if rows.height else ablation)
+        name = rows["ablation_parameter"][0] if rows.height else ablation
+        ax.set_xlabel(textwrap.fill(name, 60), fontsize=7 if len(name) > 60 else None)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6, loc="best")

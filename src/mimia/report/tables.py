@@ -29,8 +29,8 @@ def experiment_metrics(
     if ablation:
         df = df.with_columns(
             ablation_name=pl.lit(ablation["name"]),
-            ablation_parameter=pl.lit(str(ablation["parameter"])),
-            ablation_value=pl.lit(_slug(ablation["value"])),
+            ablation_parameter=pl.lit(_parameter_label(ablation["parameter"], ablation["value"])),
+            ablation_value=pl.lit(_value_label(ablation["parameter"], ablation["value"])),
             ablation_order=pl.lit(ablation["order"]),
         )
     df = df.select("experiment", "decoder", "attack", pl.exclude("experiment", "decoder", "attack"))
@@ -54,8 +54,26 @@ def experiment_metrics(
     return df
 
 
-def _slug(value) -> str:
+def _value_label(parameter, value) -> str:
+    """``4``, ``0.5,0.75``; a value given per parameter (``{split.target_member: 125,
+    pretrain.epochs: 240, ...}``) as its distinct values in parameter order: ``125 x 240``."""
+    if isinstance(value, dict):
+        names = parameter if isinstance(parameter, list) else [parameter]
+        return " x ".join(dict.fromkeys(str(value[n]) for n in names))
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _parameter_label(parameter, value) -> str:
+    """The swept keys, those that share a value joined by ``=`` (``split.target_member =
+    split.target_nonmember = ... x pretrain.epochs``), matching :func:`_value_label`."""
+    if not isinstance(parameter, list):
+        return str(parameter)
+    if not isinstance(value, dict):
+        return " = ".join(parameter)
+    groups: dict[str, list[str]] = {}
+    for name in parameter:
+        groups.setdefault(str(value[name]), []).append(name)
+    return " x ".join(" = ".join(names) for names in groups.values())
 
 
 def summary(metric_tables: Sequence[str | Path], out_parquet, out_csv, out_md) -> pl.DataFrame:
