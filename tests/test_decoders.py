@@ -47,13 +47,14 @@ def test_adaptation_freezes_the_target_encoder_and_reads_only_adversary_data(tin
     out = tmp_path / "adapted" / "model.safetensors"
     # Every shard is offered, target roles included: only the shadow roles may be read.
     adapt_decoder_stage(
-        target=tmp_path / "target.safetensors",
+        encoder=tmp_path / "target.safetensors",
         shadow=tmp_path / "shadow.safetensors",
         manifest=manifest_path,
         shards=list(shards.values()),
         weights=out,
         sidecar=out.with_suffix(".json"),
         train_log=tmp_path / "log.parquet",
+        model="target-adapted",
         train={"epochs": 3, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 1},
         seed=0,
         runtime={"device": "cpu", "compile": False, "precision": "bf16"},

@@ -26,9 +26,22 @@ always are (only the target's scoring decoder varies)."""
 TARGET = "target"
 IMPORTED_TARGET = "target-imported"
 """The model folder of a released target brought into mimia's format."""
-ADAPTED_TARGET = "target-adapted"
-"""The model folder (and training name) of decoder mode ``adapted``: the target encoder with
-:data:`PAPER_SHADOW`'s decoder fine-tuned on it."""
+ADAPTED_SUFFIX = "-adapted"
+
+
+def adapted_model(base: str) -> str:
+    """The model folder (and training name) of ``base``'s encoder wearing :data:`PAPER_SHADOW`'s
+    decoder fine-tuned on it: decoder mode ``adapted`` of the target, or of a reference model
+    when the usage audit calibrates that mode."""
+    return f"{base}{ADAPTED_SUFFIX}"
+
+
+def adapted_base(model: str) -> str | None:
+    """``target-adapted`` -> ``target``, ``shadow2-adapted`` -> ``shadow2``; None otherwise."""
+    return model.removesuffix(ADAPTED_SUFFIX) if model.endswith(ADAPTED_SUFFIX) else None
+
+
+ADAPTED_TARGET = adapted_model("target")
 
 
 def shadow_model(index: int) -> str:
@@ -87,7 +100,8 @@ class Layout:
         return [self.shard(r, i) for r in roles for i in range(shard_count(split, r))]
 
     def model_dir(self, model: str) -> str:
-        """``target`` (trained here), ``target-imported``, ``target-adapted``, ``shadow{i}``."""
+        """``target`` (trained here), ``target-imported``, ``target-adapted``, ``shadow{i}``,
+        ``shadow{i}-adapted``."""
         return f"{self.root}/models/{model}"
 
     def weights(self, model: str) -> str:

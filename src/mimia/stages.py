@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mimia.layout import ADAPTED_TARGET, OWN_DECODER, TARGET
+from mimia.layout import OWN_DECODER, PAPER_SHADOW, TARGET
 
 PathLike = str | Path
 
@@ -170,23 +170,25 @@ def _first_images(shards: Sequence[PathLike]):
 
 def adapt_decoder(
     *,
-    target: PathLike,
+    encoder: PathLike,
     shadow: PathLike,
     manifest: PathLike,
     shards: Sequence[PathLike],
     weights: PathLike,
     sidecar: PathLike,
     train_log: PathLike,
+    model: str,
     train: dict,
     seed: int,
     runtime: dict,
 ) -> None:
-    """Fit the ``adapted`` decoder: shadow0's decoder on the frozen target encoder, trained on
-    the adversary's shards only (:func:`mimia.training.run`)."""
+    """Fit the ``adapted`` decoder ``model``: shadow0's decoder on the frozen ``encoder``
+    (the target's, or a reference model's for the usage audit), trained on images that
+    encoder's model never saw (:func:`mimia.training.run`)."""
     from mimia.training import run
 
     run(
-        model=ADAPTED_TARGET,
+        model=model,
         manifest=manifest,
         shards=shards,
         weights=weights,
@@ -194,7 +196,7 @@ def adapt_decoder(
         train=train,
         seed=seed,
         runtime=runtime,
-        target=target,
+        target=encoder,
         shadow=shadow,
     )
     _same_paths(weights, sidecar)
@@ -237,8 +239,9 @@ def extract(
     from mimia.extract import extract_shard, scoring_model
     from mimia.provenance import file_sha256, provenance, read_metadata
 
-    if model != TARGET and decoder != OWN_DECODER:
-        raise ValueError(f"shadow models are scored with their own decoder, not {decoder!r}")
+    if model == PAPER_SHADOW and decoder != OWN_DECODER:
+        # Its decoder is the one the other modes borrow: every mode of it is its own.
+        raise ValueError(f"{PAPER_SHADOW} is scored with its own decoder, not {decoder!r}")
     checkpoints = _checkpoints(checkpoint, shadow_decoder)
     device = resolve_device(runtime["device"])
     precision = resolve_precision(device, runtime.get("precision", "auto"))

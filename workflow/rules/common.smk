@@ -33,6 +33,7 @@ from mimia.layout import (
     SHADOW_ROLES,
     TARGET_ROLES,
     Layout,
+    adapted_model,
     shard_count,
     shadow_models,
 )
@@ -127,13 +128,15 @@ def import_inputs(wildcards):
 
 
 def adapt_inputs(wildcards):
-    e = wildcards.experiment
+    """The target's adapted decoder trains on the adversary's images; a reference model's (the
+    usage audit's calibration) on the target roles', which it never trained on."""
+    e, base = wildcards.experiment, wildcards.model
     lay = Layout(RESULTS, e)
     return {
-        "target": target_weights(e),
+        "encoder": target_weights(e) if base == TARGET else lay.weights(base),
         "shadow": lay.weights(PAPER_SHADOW),
         "manifest": lay.manifest,
-        "shards": shard_files(e, SHADOW_ROLES),
+        "shards": shard_files(e, SHADOW_ROLES if base == TARGET else TARGET_ROLES),
     }
 
 
@@ -142,16 +145,13 @@ def scoring_checkpoints(wildcards):
     e, decoder = wildcards.experiment, wildcards.decoder
     lay = Layout(RESULTS, e)
     model = getattr(wildcards, "model", TARGET)
-    if model != TARGET:
-        return {"checkpoint": lay.weights(model)}
+    # A reference model wears the other modes only for the usage audit's calibration.
+    encoder = target_weights(e) if model == TARGET else lay.weights(model)
     if decoder == "adapted":
-        return {"checkpoint": lay.weights(ADAPTED_TARGET)}
+        return {"checkpoint": lay.weights(adapted_model(model))}
     if decoder == "shadow":
-        return {
-            "checkpoint": target_weights(e),
-            "shadow_decoder": lay.weights(PAPER_SHADOW),
-        }
-    return {"checkpoint": target_weights(e)}
+        return {"checkpoint": encoder, "shadow_decoder": lay.weights(PAPER_SHADOW)}
+    return {"checkpoint": encoder}
 
 
 # -- errors and attacks -------------------------------------------------------------------------

@@ -66,18 +66,20 @@ rule import_target:
         STAGE
 
 
+# Decoder mode `adapted` of the target; of reference model shadow{i} too when the usage audit
+# calibrates that mode.
 rule adapt_decoder:
     input:
         unpack(adapt_inputs),
     output:
         multiext(
-            f"{EXP}/models/{ADAPTED_TARGET}/model",
+            f"{EXP}/models/{{model}}-adapted/model",
             weights=".safetensors",
             sidecar=".json",
             train_log=".train_log.parquet",
         ),
     log:
-        f"{LOGS}/pretrain/adapt_decoder.log",
+        f"{LOGS}/pretrain/adapt_decoder-{{model}}.log",
     cache: "omit-software"
     priority: 10
     conda:
@@ -91,6 +93,7 @@ rule adapt_decoder:
         gres=gpu_resource("gres", adapt_devices),
     params:
         code=code_identity("adapt_decoder"),
+        model=lambda wc: adapted_model(wc.model),
         train=from_exp(lambda e, wc: train_params(e["adapt"])),
         seed=from_exp(lambda e, wc: e["seed"]),
     script:

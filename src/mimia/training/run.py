@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mimia.layout import ADAPTED_TARGET, SHADOW_ROLES, TARGET, shadow_index
+from mimia.layout import SHADOW_ROLES, TARGET, TARGET_ROLES, adapted_base, shadow_index
 from mimia.models.base import MIMModel
 from mimia.schema import canonical
 from mimia.training import ranks
@@ -34,16 +34,17 @@ from mimia.training.resume import resume_path_for
 PathLike = str | Path
 
 ADAPTED_SEED_OFFSET = 10_000
-"""The adapted decoder's seed is the experiment's plus this (the shadow models take 1 + i)."""
+"""An adapted decoder's seed is its base model's plus this (the shadow models take 1 + i)."""
 
 
 def seed_offset(model: str) -> int:
     """What ``model``'s training seed adds to the experiment's: the target 0, ``shadow{i}``
-    1 + i, the adapted decoder :data:`ADAPTED_SEED_OFFSET`."""
+    1 + i, an adapted decoder :data:`ADAPTED_SEED_OFFSET` more than its base model."""
     if model == TARGET:
         return 0
-    if model == ADAPTED_TARGET:
-        return ADAPTED_SEED_OFFSET
+    base = adapted_base(model)
+    if base is not None:
+        return ADAPTED_SEED_OFFSET + seed_offset(base)
     return 1 + shadow_index(model)
 
 
@@ -194,6 +195,9 @@ def run(
     ``train.early_stopping`` selecting DP-SGD or early stopping. ``target-adapted``: the
     decoder of ``shadow`` (shadow0's checkpoint) fine-tuned on the frozen encoder of
     ``target`` (a checkpoint), on the adversary's images only (the shadow roles).
+    ``shadow{i}-adapted`` (the usage audit's calibration of that mode): the same on reference
+    model i's encoder, on the target roles' images, which it never trained on (offline), as
+    the target's adapted decoder never saw the target's own members.
 
     ``runtime``: ``device``, ``compile``, ``precision`` and optionally ``checkpoint_every`` (how
     often resume files are written), which change how the run goes, not what it learns
@@ -207,8 +211,10 @@ def run(
 
     rows = pl.read_parquet(manifest)
     info = {"model": model}
-    if model == ADAPTED_TARGET:
-        ids = set(rows.filter(pl.col("role").is_in(SHADOW_ROLES))["sample_id"])
+    base = adapted_base(model)
+    if base is not None:
+        roles = SHADOW_ROLES if base == TARGET else TARGET_ROLES
+        ids = set(rows.filter(pl.col("role").is_in(roles))["sample_id"])
     elif model == TARGET:
         ids = set(rows.filter(pl.col("role") == "target_member")["sample_id"])
     else:
@@ -229,7 +235,7 @@ def run(
     if "checkpoint_every" in runtime:
         cfg = dataclasses.replace(cfg, checkpoint_every=runtime["checkpoint_every"])
     resume = resume_path_for(weights)
-    if model == ADAPTED_TARGET:
+    if base is not None:
         net, history = _adapt(target, shadow, images, cfg, ids, resume, info)
         info |= {"adapt_config": train, "decoder_released": False}
     else:
