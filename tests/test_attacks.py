@@ -51,6 +51,7 @@ def make_world(
     model_noise: float = 0.12,
     online: bool = False,
     views: int = 5,
+    reference_decoders: tuple[str, ...] = (),
 ) -> World:
     """The pipeline's tables, from a known generative model.
 
@@ -62,6 +63,8 @@ def make_world(
     shadow0 trains on shadow_member; shadow1.. on random halves of the adversary's pool
     (plus the target samples when ``online``), as ``mimia.data.splits.shadow_membership``.
     Embedding similarities of ``views`` views are 0.1 higher for members of target/shadow0.
+    ``reference_decoders``: shadow1.. are also scored under these decoder modes (the usage
+    audit's calibration), with the target's decoder offsets.
     The error table has no role or label columns, as extraction writes it.
     """
     rng = np.random.default_rng(seed)
@@ -109,8 +112,14 @@ def make_world(
     target_offset = rng.normal(0, 0.1)
     for decoder, off in DECODER_OFFSET.items():
         rows("target", decoder, target_rows, target_offset + off)
+    shadow_offset = []
     for m in range(num_shadow):
-        rows(f"shadow{m}", "released", np.ones(len(ids), dtype=bool), rng.normal(0, 0.1))
+        shadow_offset.append(rng.normal(0, 0.1))
+        rows(f"shadow{m}", "released", np.ones(len(ids), dtype=bool), shadow_offset[m])
+    for decoder in reference_decoders:
+        for m in range(1, num_shadow):
+            offset = shadow_offset[m] + DECODER_OFFSET[decoder]
+            rows(f"shadow{m}", decoder, np.isin(role, ROLES[2:]), offset)
     membership = pl.concat(
         pl.DataFrame(
             {"sample_id": ids[pool], "model": f"shadow{m}", "is_in": members[f"shadow{m}"][pool]}

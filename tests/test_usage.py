@@ -10,7 +10,6 @@ import polars as pl
 import pytest
 from test_attacks import make_world, write_world
 
-from mimia.attacks.stage import attack_stage
 from mimia.config import resolve_experiments, usage_attacks
 from mimia.usage import (
     UsageEstimator,
@@ -214,13 +213,18 @@ def test_encodermi_is_left_out_by_default():
     )
 
 
-def test_usage_needs_reference_models():
+def test_usage_needs_reference_models_and_enough_images_to_calibrate_them():
     with pytest.raises(ValueError, match=r"shadow\.count >= 2"):
         resolve_experiments(_config({}, shadow={"count": 1}))
-    # Two models: shadow1's one reference, shadow0, trained on every shadow_member image.
-    with pytest.raises(ValueError, match=r"'lira'.* needs shadow\.count >= 3 \(got 2\)"):
-        resolve_experiments(_config({}, shadow={"count": 2}))
-    resolve_experiments(_config({"attacks": ["threshold"]}, shadow={"count": 2}))
+    # Two models: shadow1 is calibrated with shadow0 as its one reference, on the 400
+    # shadow_nonmember images (shadow0 trained on none of them).
+    resolve_experiments(_config({}, shadow={"count": 2}))
+    # Ten: each reference model keeps 400 / 2^8 images that none of its 9 references trained on.
+    with pytest.raises(ValueError, match=r"about 14 images over shadow1..9, under 40"):
+        resolve_experiments(_config({}, shadow={"count": 10}))
+    resolve_experiments(_config({"attacks": ["threshold"]}, shadow={"count": 10}))
+    with pytest.raises(ValueError, match=r"use offline references"):
+        resolve_experiments(_config({}, shadow={"count": 4, "online": True}))
 
 
 def test_a_candidate_image_also_in_the_adversarys_data_is_refused():
@@ -252,76 +256,68 @@ def test_mixed_collections_hold_the_asked_fraction():
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
-    """The attack stage and the usage stage on a synthetic world's tables (4 shadow models)."""
+    """The usage stage on a synthetic world's tables: 4 shadow models, shadow1..3 also scored
+    under the shadow decoder (the calibration the workflow extracts for that mode)."""
     root = tmp_path_factory.mktemp("usage")
-    paths = write_world(make_world(seed=3, n=100, num_shadow=4), root)
-    pairs, scores = [], []
-    for decoder in ("shadow", "released"):
-        for attack in ("threshold", "lira"):
-            out = root / f"{decoder}-{attack}.parquet"
-            attack_stage(
-                errors=paths["errors"],
-                manifest=paths["manifest"],
-                membership=paths["membership"],
-                scores=out,
-                roc=root / f"{decoder}-{attack}-roc.parquet",
-                metrics=root / f"{decoder}-{attack}.json",
-                decoder=decoder,
-                attack=attack,
-                params={},
-                metrics_config={"n_bootstrap": 10},
-                seed=0,
-            )
-            pairs.append([decoder, attack])
-            scores.append(out)
+    world = make_world(seed=3, n=100, num_shadow=4, reference_decoders=("shadow",))
+    paths = write_world(world, root)
     collections = {f"f{int(100 * f)}": {"fraction": f, "size": 100} for f in (0, 0.5, 1)}
     usage_stage(
         errors=paths["errors"],
         manifest=paths["manifest"],
         membership=paths["membership"],
-        scores=scores,
         json=root / "usage.json",
         parquet=root / "usage.parquet",
         figure=root / "usage.png",
-        pairs=pairs,
+        pairs=[[d, a] for d in ("shadow", "released") for a in ("threshold", "lira")],
         attacks={"threshold": {}, "lira": {}},
         usage={"collections": collections, "n_bootstrap": 200, "confidence": 0.95},
         split=dict.fromkeys(("target_member", "target_nonmember"), 100),
         seed=0,
     )
-    return root
+    return root, world
 
 
 def test_usage_stage_writes_estimates_per_decoder_attack_and_collection(audited):
-    report = json.loads((audited / "usage.json").read_text())
+    root, world = audited
+    report = json.loads((root / "usage.json").read_text())
     assert "not evidence that any single image" in report["meaning"]
-    rows = pl.read_parquet(audited / "usage.parquet")
+    rows = pl.read_parquet(root / "usage.parquet")
     assert rows.height == 2 * 2 * 3
-    # Only the released decoder is scored as the reference models are.
-    status = dict(rows.group_by("decoder").agg(pl.col("status").unique().first()).rows())
-    assert status == {"released": "estimate", "shadow": "uncalibrated"}
-    assert (rows.filter(pl.col("decoder") == "shadow")["estimate"].is_not_null()).all()
-    assert "uncalibrated" in report["uncalibrated_note"]
+    assert set(rows["status"]) == {"estimate"}
     assert rows.sort("true_fraction")["true_fraction"].unique().to_list() == [0.0, 0.5, 1.0]
-    assert (audited / "usage.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / "usage.png").read_bytes()[:4] == b"\x89PNG"
+    summary = {(v["decoder"], v["attack"]): v for v in report["validation"]}
+    for decoder in ("released", "shadow"):
+        lira = rows.filter((pl.col("decoder") == decoder) & (pl.col("attack") == "lira"))
+        lira = lira.sort("true_fraction")
+        # The target's guesses grow with the used fraction: each collection is scored within
+        # the audit set, not alone (alone, the median centring flattened them to 0.54-0.58).
+        assert np.all(np.diff(lira["naive"].to_numpy()) > 0.2), decoder
+        check = summary[(decoder, "lira")]
+        assert check["mean_abs_error"] < check["naive_mean_abs_error"] < 0.3, decoder
+        assert check["f0_collections"] == 1 and check["f0_ci_excludes_0"] == 0
+        assert 0 < check["mean_ci_width"] < 0.45
     lira = rows.filter((pl.col("decoder") == "released") & (pl.col("attack") == "lira"))
     lira = lira.sort("true_fraction")
-    # Pinned on this world: DUCI is closer to the truth than the naive count.
-    assert lira["estimate_raw"].to_list() == pytest.approx([-0.155, 0.34, 0.881], abs=0.01)
-    assert lira["naive"].to_list() == pytest.approx([0.07, 0.39, 0.74], abs=1e-9)
-    assert lira["tpr"][0] == pytest.approx(0.817, abs=1e-3)
-    assert lira["fpr"][0] == pytest.approx(0.17, abs=1e-3)
+    # Pinned on this world.
+    assert lira["estimate_raw"].to_list() == pytest.approx([-0.018, 0.418, 0.872], abs=0.001)
+    assert lira["naive"].to_list() == pytest.approx([0.07, 0.3933, 0.73], abs=1e-4)
+    assert (lira["tpr"][0], lira["fpr"][0]) == pytest.approx((0.825, 0.0833), abs=1e-4)
     assert lira["clipped"].to_list() == [True, False, True]
-    assert "shadow1, shadow2, shadow3" in lira["rates_source"][0]
+    # Reference model k is scored on the adversary images none of its references trained on.
+    membership = world.membership
+    for model, count in (("shadow1", 16), ("shadow2", 24), ("shadow3", 24)):
+        assert f"{model} on {count} " in lira["rates_source"][0]
+        refs = [m for m in ("shadow0", "shadow1", "shadow2", "shadow3") if m != model]
+        trained = membership.filter(pl.col("model").is_in(refs) & pl.col("is_in"))
+        pool = membership.filter(pl.col("model") == model)["sample_id"]
+        assert (~pool.is_in(trained["sample_id"].implode())).sum() == count
+    # Each model's own rates at the pooled threshold (pooled: 33 of 40 IN, 2 of 24 OUT).
+    assert "shadow1 on 16 (8 IN; TPR 0.88, FPR 0.00)" in lira["rates_source"][0]
+    assert "shadow2 on 24 (16 IN; TPR 0.75, FPR 0.12)" in lira["rates_source"][0]
     shadow = rows.filter(pl.col("decoder") == "shadow")
-    assert "'shadow' decoder" in shadow["rates_source"][0]
-    assert shadow["reason"][0].startswith("uncalibrated: the target is scored under the 'shadow'")
-    summary = {(v["decoder"], v["attack"]): v for v in report["validation"]}
-    assert summary[("shadow", "lira")]["status"] == "uncalibrated"
-    released = summary[("released", "lira")]
-    assert released["mean_abs_error"] < released["naive_mean_abs_error"]
-    assert released["f0_collections"] == 1 and released["f0_ci_excludes_0"] == 0
-    assert 0 < released["mean_ci_width"] < 0.5
+    assert "under the 'shadow' decoder mode" in shadow["rates_source"][0]
 
 
 def test_the_digits_example_schedules_one_usage_job_over_one_target(tmp_path):
@@ -339,6 +335,33 @@ def test_the_digits_example_schedules_one_usage_job_over_one_target(tmp_path):
     }
     # Every fraction f is a collection of the same experiment: one target, four shadow models.
     assert jobs["usage"] == 1 and jobs["pretrain"] == 5 and jobs["attack"] == 9
+
+
+def _folder_collection(config: dict, folder) -> float:
+    """An image folder of 8 target_member images of the tiny split and 8 digits outside the
+    split (PNG, lossless: the same pixels); returns the true fraction, 0.5."""
+    from PIL import Image
+
+    from mimia.data.prepare import write_manifest
+    from mimia.data.sources import load_source
+
+    (exp,) = resolve_experiments(config).values()
+    manifest = write_manifest(
+        dataset=exp["dataset"], split=exp["split"], seed=exp["seed"], manifest=folder / "m.pq"
+    )
+    source = load_source(exp["dataset"])
+    known = set(manifest["content_sha256"])
+    members = manifest.filter(pl.col("role") == "target_member")["key"].to_list()[:8]
+    outside = [
+        k
+        for i, k in enumerate(source.keys)
+        if k not in set(manifest["key"]) and source.content_sha256(i) not in known
+    ][:8]
+    images = folder / "images"
+    images.mkdir()
+    for k in members + outside:
+        Image.fromarray(source.native(source.keys.index(k))).save(images / f"{k}.png")
+    return images
 
 
 @pytest.mark.slow
@@ -361,6 +384,9 @@ def test_the_workflow_writes_the_usage_audit(tmp_path):
             "n_bootstrap": 50,
         },
     )
+    folder = _folder_collection(config, tmp_path)
+    collections = config["defaults"]["usage"]["collections"]
+    collections["owner"] = {"source": {"name": "image_folder", "path": str(folder)}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     run = _snakemake(tmp_path)
     assert run.returncode == 0, run.stderr[-5000:]
@@ -369,14 +395,16 @@ def test_the_workflow_writes_the_usage_audit(tmp_path):
     assert {(r["decoder"], r["attack"]) for r in rows} == {
         (d, a) for d in ("released", "adapted") for a in ("threshold", "lira")
     }
-    assert {(r["collection"], r["true_fraction"]) for r in rows} == {("f0", 0.0), ("all", 1.0)}
+    assert {(r["collection"], r["true_fraction"]) for r in rows} == {
+        ("f0", 0.0),
+        ("all", 1.0),
+        ("owner", 0.5),
+    }
     for r in rows:
-        assert (
-            r["status"] in ("estimate", "no estimate", "uncalibrated") and r["reason"] is not None
-        )
-        assert r["status"] != "estimate" or r["decoder"] == "released"
-        assert r["status"] != "uncalibrated" or r["decoder"] == "adapted"
-        if r["status"] != "no estimate":
+        assert r["status"] in ("estimate", "no estimate") and r["reason"] is not None
+        if r["collection"] == "owner":
+            assert r["n_images"] == 16 and r["collection_spec"].startswith("image_folder ")
+        if r["status"] == "estimate":
             assert 0 <= r["estimate"] <= 1 and 0 <= r["naive"] <= 1
             # Shown clipped only with the raw value beside it.
             assert r["clipped"] or r["estimate"] == r["estimate_raw"]

@@ -531,14 +531,25 @@ def check_usage(experiment: dict, name: str = "") -> None:
         for a in usage_attacks(experiment, name)
         if "references" in attack_class(attack_kind(experiment["attacks"][a], a)).inputs
     ]
-    if calibrated and count < 3:
-        # Reference model i is scored with the others as its references; with two models its
-        # only reference is shadow0, which trained on every shadow_member image, so those
-        # images have no OUT reference and the attack's TPR and FPR cannot be measured.
+    if experiment["shadow"]["online"]:
         raise ValueError(
-            f"{where}: attacks {calibrated} calibrate on reference models, so measuring their "
-            f"TPR and FPR on shadow1..N-1 needs shadow.count >= 3 (got {count}); raise "
-            f"shadow.count or list only uncalibrated attacks in usage.attacks"
+            f"{where}: shadow.online trains the reference models on the target roles' images, "
+            "but the usage audit scores a collection with references that never trained on "
+            "it, and calibrates each reference model the same way; use offline references "
+            "(shadow.online: false)"
+        )
+    nonmembers = experiment["split"]["shadow_nonmember"]
+    # Reference model k is calibrated on the shadow_nonmember images none of its references
+    # (shadow0 and the other N-2, random halves) trained on: a 2^-(N-2) share, half of it k's.
+    images = (count - 1) * nonmembers / 2 ** (count - 2)
+    if calibrated and images < 40:
+        raise ValueError(
+            f"{where}: attacks {calibrated} score each reference model with the others as "
+            f"references, on the shadow_nonmember images none of them trained on: with "
+            f"shadow.count {count} and split.shadow_nonmember {nonmembers} that is about "
+            f"{images:.0f} images over shadow1..{count - 1}, under 40 (20 members and 20 "
+            "non-members) to measure TPR and FPR on; raise split.shadow_nonmember or lower "
+            "shadow.count"
         )
 
 
@@ -569,9 +580,16 @@ def usage_attacks(experiment: dict, name: str = "") -> list[str]:
 
 
 def collection_plan(name: str, spec: dict, split: dict, where: str = "usage") -> dict:
-    """``{"role": r}`` or ``{"members": k, "nonmembers": n - k}`` for a collection entry; checks
-    it against the split's role sizes."""
+    """``{"role": r}``, ``{"members": k, "nonmembers": n - k}`` or ``{"source": {...}}`` for a
+    collection entry; checks it against the split's role sizes, or that its source says where
+    the images are."""
     where = f"{where}.collections.{name}"
+    if "source" in spec:
+        source = spec["source"]
+        needed = {"image_folder": "path", "webdataset": "urls"}[source["name"]]
+        if not source.get(needed):
+            raise ValueError(f"{where}.source: {source['name']} needs {needed!r} (got {source!r})")
+        return {"source": source}
     if "role" in spec:
         role = spec["role"]
         if role in SHADOW_ROLES:

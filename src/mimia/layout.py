@@ -114,6 +114,16 @@ class Layout:
     def all_errors(self) -> str:
         return f"{self.root}/errors.parquet"
 
+    def collection_table(self, name: str) -> str:
+        """A usage collection given as an image source: its image table."""
+        return f"{self.root}/usage/{name}/images.parquet"
+
+    def collection_shard(self, name: str) -> str:
+        return f"{self.root}/usage/{name}/images.tar"
+
+    def collection_errors(self, name: str, model: str, decoder: str) -> str:
+        return f"{self.root}/usage/{name}/errors/{model}/{decoder}.parquet"
+
     def embeddings(self, model: str) -> str:
         return f"{self.root}/embeddings/{model}.parquet"
 

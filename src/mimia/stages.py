@@ -321,6 +321,39 @@ def attack(**kwargs) -> None:
     attack_stage(**kwargs)
 
 
+def usage_collection(
+    *,
+    manifest: PathLike,
+    table: PathLike,
+    shard: PathLike,
+    name: str,
+    source: dict,
+    img_size: int,
+    seed: int,
+    source_fingerprint: str,
+) -> None:
+    """A usage collection given as images, as one shard and its image table
+    (:func:`mimia.data.collections.write_collection`); ``source_fingerprint`` reruns it when
+    the images change, and a source that changed since the DAG was built is refused."""
+    from mimia.data.collections import write_collection
+
+    _check_source_unchanged(source, source_fingerprint)
+    write_collection(
+        name=name,
+        source=source,
+        manifest=manifest,
+        img_size=img_size,
+        table=table,
+        shard=shard,
+        seed=seed,
+    )
+
+
+def extract_collection(*, runtime: dict, **kwargs) -> None:
+    """A model's reconstruction errors on a usage collection's shard (see :func:`extract`)."""
+    extract(runtime=runtime, **kwargs)
+
+
 def usage(**kwargs) -> None:
     """Dataset usage inference per (decoder, attack): see :func:`mimia.usage.usage_stage`,
     whose keyword arguments are the rule's."""
@@ -568,7 +601,15 @@ def _end(rule: str, outputs: list[str], wildcards: dict[str, str]) -> None:
     write_receipts(outputs, rule, wildcards)
 
 
-_TORCH_RULES = {"pretrain", "import_target", "adapt_decoder", "extract", "embed", "reconstructions"}
+_TORCH_RULES = {
+    "pretrain",
+    "import_target",
+    "adapt_decoder",
+    "extract",
+    "extract_collection",
+    "embed",
+    "reconstructions",
+}
 
 
 def _failure(rule: str, err: BaseException) -> str:

@@ -9,14 +9,22 @@ the reference does. :class:`UsageEstimator` is that estimator (``fit`` on the re
 scores and membership, then ``estimate`` on the target's scores of the collection);
 :func:`usage_stage` is the workflow's rule.
 
-In the workflow the reference models are the adversary's shadow models 1..N-1, each scored as if
-it were the target (the attack fitted on shadow0 as in the attack stage, the other shadow models
-as its references, its own decoder) on the adversary's images, whose membership in it is known.
-Their rates therefore describe the target scored with its own (released) decoder. Under an
-encoder-only decoder (``shadow``, ``adapted``) the target's scores shift and the rates do not
-carry over: validated on digits (config/examples/usage.yaml), LiRA and RMIA then put a
-collection the target never saw at 0.30 to 0.54 with a CI that excludes 0. Those rows are
-computed for research but marked ``status: "uncalibrated"`` and are not an audit's answer.
+Debiasing is only as good as the match between how the reference models are scored and how
+the target is. In the workflow the reference models are the adversary's shadow models 1..N-1,
+and each is scored exactly as the target's collection is (:func:`calibration`):
+
+* with the same decoder mode: its own decoder for ``released``; shadow0's decoder put on its
+  encoder for ``shadow``; shadow0's decoder adapted on its frozen encoder, with images it did
+  not train on, for ``adapted``;
+* with the same reference models, all OUT: reference model ``k`` is scored with the other
+  shadow models as references, on the adversary's images none of them trained on (a random
+  half of which trained ``k``), and the target is scored once with each such set (shadow
+  models other than ``k``, for every ``k``), its guesses averaged. A candidate image is OUT of
+  every shadow model, so a reference model scored on images that some of its references
+  trained on would see other score distributions: on CIFAR-10 that put an unused collection
+  at 0.36 with a CI excluding 0 (LiRA, 4 shadow models, before this matching).
+
+The attack itself is the attack stage's: fitted on shadow0 with shadow1..N-1 as references.
 """
 
 from __future__ import annotations
@@ -24,13 +32,13 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import polars as pl
 
 from mimia.config import collection_plan
-from mimia.layout import OWN_DECODER, SHADOW_ROLES, TARGET_ROLES
+from mimia.layout import SHADOW_ROLES, TARGET, TARGET_ROLES
 from mimia.metrics import roc_points
 
 PathLike = str | os.PathLike
@@ -40,12 +48,6 @@ MEANING = (
     "pre-training set, inferred from the attack's membership guesses debiased by its TPR and "
     "FPR on reference models: it estimates a proportion over the whole collection and is not "
     "evidence that any single image was used (or not)."
-)
-UNCALIBRATED_NOTE = (
-    "status 'uncalibrated': the target is scored under an encoder-only decoder, while the "
-    "reference models that give TPR and FPR are scored with their own decoders; the rates do "
-    "not carry over (on digits such rows put a collection the target never saw at 0.30 to "
-    "0.54, CI excluding 0). Shown for research: not evidence about the collection."
 )
 NAIVE_NOTE = (
     "naive: fraction of the collection the attack calls members at the same threshold, "
@@ -58,8 +60,7 @@ NAIVE_NOTE = (
 class UsageEstimate:
     """One collection's estimate. ``estimate``/``ci_*`` lie in [0, 1]; ``*_raw`` are the
     unclipped values (``clipped`` says whether clipping changed any of them). With
-    ``status == "no estimate"`` the numbers are None and ``reason`` says why; with
-    ``"uncalibrated"`` they are computed but the rates do not describe the target's scoring."""
+    ``status == "no estimate"`` the numbers are None and ``reason`` says why."""
 
     status: str
     reason: str
@@ -88,14 +89,15 @@ class UsageEstimate:
 class UsageEstimator:
     """DUCI's debiased proportion estimate, in scikit-learn style.
 
-    ``fit(scores, membership)``: the attack's scores ``[M, n]`` of ``n`` images under ``M``
-    reference models and whether each image trained each model (bool ``[M, n]``); sets
-    ``threshold_`` (maximising ``TPR - FPR`` over the pooled scores, predict member iff
-    ``score >= threshold_``), ``tpr_`` and ``fpr_``. ``estimate(scores)`` of the target's
-    scores on the candidate collection returns a :class:`UsageEstimate` with a percentile
-    bootstrap CI over the collection's images and the reference data (reference models
-    resampled when there are several, their images within each), the threshold and rates
-    re-chosen in every resample.
+    ``fit(scores, membership)``: the attack's scores of the images of each of ``M`` reference
+    models (``[M, n]``, or ``M`` arrays of their own lengths) and whether each image trained
+    that model (bool, same shapes); sets ``threshold_`` (maximising ``TPR - FPR`` over the
+    pooled scores, predict member iff ``score >= threshold_``), ``tpr_`` and ``fpr_``.
+    ``estimate(scores)`` of the target's scores on the candidate collection (``[n]``, or
+    ``[K, n]``: ``K`` scorings of each image whose guesses are averaged) returns a
+    :class:`UsageEstimate` with a percentile bootstrap CI over the collection's images and the
+    reference data (reference models resampled when there are several, their images within
+    each), the threshold and rates re-chosen in every resample.
     """
 
     def __init__(self, n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0):
@@ -104,28 +106,33 @@ class UsageEstimator:
         self.seed = seed
 
     def fit(self, scores, membership) -> UsageEstimator:
-        s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
-        m = np.atleast_2d(np.asarray(membership))
-        if s.shape != m.shape or s.size == 0:
+        s = [np.asarray(row, dtype=np.float64) for row in _rows(scores)]
+        m = [np.asarray(row) for row in _rows(membership)]
+        if [x.shape for x in s] != [x.shape for x in m] or not sum(x.size for x in s):
             raise ValueError(
-                f"reference scores {s.shape} and membership {m.shape} must have the same "
+                f"reference scores {_shapes(s)} and membership {_shapes(m)} must have the same "
                 "non-empty shape [reference models, images]"
             )
-        if m.dtype != bool:
-            if not np.isin(m, (0, 1)).all():
+        if any(x.ndim != 1 for x in s):
+            raise ValueError(f"reference scores must be one row per model, got {_shapes(s)}")
+        if any(x.dtype != bool for x in m):
+            if not all(np.isin(x, (0, 1)).all() for x in m):
                 raise ValueError("reference membership must be boolean or 0/1 (1 = member)")
-            m = m.astype(bool)
-        if not np.isfinite(s).all():
-            raise ValueError(f"{int((~np.isfinite(s)).sum())} reference scores are not finite")
-        if m.all() or not m.any():
+            m = [x.astype(bool) for x in m]
+        pooled_s, pooled_m = np.concatenate(s), np.concatenate(m)
+        if not np.isfinite(pooled_s).all():
+            raise ValueError(
+                f"{int((~np.isfinite(pooled_s)).sum())} reference scores are not finite"
+            )
+        if pooled_m.all() or not pooled_m.any():
             raise ValueError(
                 "reference membership needs members and non-members to measure TPR and FPR, "
-                f"got {int(m.sum())} members of {m.size}"
+                f"got {int(pooled_m.sum())} members of {pooled_m.size}"
             )
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must lie in (0, 1), got {self.confidence}")
         self.reference_scores_, self.reference_in_ = s, m
-        self.threshold_, self.tpr_, self.fpr_ = _youden(m.ravel(), s.ravel())
+        self.threshold_, self.tpr_, self.fpr_ = _youden(pooled_m, pooled_s)
         return self
 
     def debias(self, scores) -> np.ndarray:
@@ -133,12 +140,13 @@ class UsageEstimator:
         self._check_fitted()
         if self.tpr_ <= self.fpr_:
             raise ValueError(self._no_signal())
-        guesses = self._guesses(scores)
+        guesses = self._guesses(_scorings(scores), self.threshold_)
         return (guesses - self.fpr_) / (self.tpr_ - self.fpr_)
 
     def estimate(self, scores) -> UsageEstimate:
         self._check_fitted()
-        guesses = self._guesses(scores)
+        scores = _scorings(scores)
+        guesses = self._guesses(scores, self.threshold_)
         n = len(guesses)
         rates = dict(tpr=self.tpr_, fpr=self.fpr_, threshold=self.threshold_)
         common = dict(n_images=n, confidence=self.confidence, n_bootstrap=self.n_bootstrap)
@@ -149,7 +157,7 @@ class UsageEstimator:
         lo_raw = hi_raw = naive_lo = naive_hi = None
         failed, reason = 0, ""
         if self.n_bootstrap > 0:
-            est_b, naive_b = self._bootstrap(np.asarray(scores, dtype=np.float64))
+            est_b, naive_b = self._bootstrap(scores)
             failed = int(np.isnan(est_b).sum())
             naive_lo, naive_hi = _percentiles(naive_b[~np.isnan(naive_b)], self.confidence)
             # A resample whose reference models show TPR - FPR = 0 has an unbounded estimate:
@@ -190,32 +198,28 @@ class UsageEstimator:
             bootstrap_no_estimate=failed,
         )
 
-    def _guesses(self, scores) -> np.ndarray:
-        s = np.asarray(scores, dtype=np.float64)
-        if s.ndim != 1:
-            raise ValueError(f"target scores must be 1-D [images], got shape {s.shape}")
-        if s.size == 0:
-            raise ValueError("the candidate collection is empty: no images to estimate over")
-        if not np.isfinite(s).all():
-            raise ValueError(f"{int((~np.isfinite(s)).sum())} target scores are not finite")
-        return (s >= self.threshold_).astype(np.float64)
+    @staticmethod
+    def _guesses(scores: np.ndarray, threshold: float) -> np.ndarray:
+        """Each image's guess, averaged over its scorings."""
+        return (scores >= threshold).mean(axis=0)
 
     def _bootstrap(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
         ref_s, ref_m = self.reference_scores_, self.reference_in_
-        n_models, n_ref = ref_s.shape
+        n_models = len(ref_s)
         est = np.full(self.n_bootstrap, np.nan)
         naive = np.empty(self.n_bootstrap)
         for b in range(self.n_bootstrap):
             models = rng.integers(0, n_models, n_models) if n_models > 1 else np.zeros(1, int)
-            cols = rng.integers(0, n_ref, (len(models), n_ref))
-            s, m = ref_s[models[:, None], cols], ref_m[models[:, None], cols]
-            guesses = scores[rng.integers(0, len(scores), len(scores))]
+            picks = [rng.integers(0, len(ref_s[j]), len(ref_s[j])) for j in models]
+            s = np.concatenate([ref_s[j][i] for j, i in zip(models, picks, strict=True)])
+            m = np.concatenate([ref_m[j][i] for j, i in zip(models, picks, strict=True)])
+            images = scores[:, rng.integers(0, scores.shape[1], scores.shape[1])]
             if m.all() or not m.any():
                 naive[b] = np.nan
                 continue
-            thr, tpr, fpr = _youden(m.ravel(), s.ravel())
-            naive[b] = (guesses >= thr).mean()
+            thr, tpr, fpr = _youden(m, s)
+            naive[b] = self._guesses(images, thr).mean()
             if tpr > fpr:
                 est[b] = (naive[b] - fpr) / (tpr - fpr)
         return est, naive
@@ -230,6 +234,31 @@ class UsageEstimator:
     def _check_fitted(self) -> None:
         if not hasattr(self, "tpr_"):
             raise RuntimeError("UsageEstimator: call fit() on reference scores first")
+
+
+def _rows(values) -> list:
+    """One entry per reference model: the rows of a 2-D array, or a list's items."""
+    if isinstance(values, np.ndarray) or not len(values) or np.isscalar(values[0]):
+        return list(np.atleast_2d(np.asarray(values)))
+    return list(values)
+
+
+def _shapes(rows: list[np.ndarray]) -> str:
+    return str([x.shape for x in rows])
+
+
+def _scorings(scores) -> np.ndarray:
+    """The target's scores as ``[scorings, images]``; checks them."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim == 1:
+        s = s[None]
+    if s.ndim != 2:
+        raise ValueError(f"target scores must be [images] or [scorings, images], got {s.shape}")
+    if s.shape[1] == 0:
+        raise ValueError("the candidate collection is empty: no images to estimate over")
+    if not np.isfinite(s).all():
+        raise ValueError(f"{int((~np.isfinite(s)).sum())} target scores are not finite")
+    return s
 
 
 def _youden(y: np.ndarray, s: np.ndarray) -> tuple[float, float, float]:
@@ -293,9 +322,36 @@ def check_outside_adversary(name: str, ids: np.ndarray, manifest: pl.DataFrame) 
 
 
 # -- the rule -----------------------------------------------------------------------------------
-def reference_scores(errors: pl.DataFrame, manifest, membership, attack: str, entry, decoder):
-    """The attack's scores ``[M, n]`` of the adversary's ``n`` images under shadow1..N-1, each
-    scored as the target with the other shadow models as references, and their membership."""
+@dataclass(frozen=True)
+class Calibration:
+    """An attack fitted as the attack stage fits it, and its scores of the reference models
+    (shadow1..N-1) scored as the target is under one decoder mode (see the module doc)."""
+
+    attack: object
+    needs: frozenset
+    shadows: list[str]
+    models: list[str]
+    scores: list[np.ndarray]
+    membership: list[np.ndarray]
+
+    def reference_sets(self) -> list[list[str]]:
+        return reference_sets(self.needs, self.shadows, self.models)
+
+
+def reference_sets(needs, shadows: list[str], models: list[str]) -> list[list[str]]:
+    """The references of each scoring: the shadow models other than reference model k, for
+    every k in ``models`` (none for an attack without reference models)."""
+    if "references" not in needs:
+        return [[] for _ in models]
+    return [[m for m in shadows if m != k] for k in models]
+
+
+def calibration(errors: pl.DataFrame, manifest, membership, attack: str, entry, decoder):
+    """The attack fitted on shadow0 (as in the attack stage) and each reference model k's
+    scores under ``decoder`` on the adversary's images that none of k's references trained on,
+    with k's membership of them. k is scored on all of the adversary's images (the pool it
+    took a random half of), the target on its audit set (:func:`target_scores`), so that
+    statistics the attacks take over the scored set see the same member share."""
     from mimia.attacks.base import attack_class, build_attack
     from mimia.attacks.inputs import FIT_MODEL, build_inputs, observations
     from mimia.attacks.inputs import shadow_models as listed_models
@@ -307,17 +363,59 @@ def reference_scores(errors: pl.DataFrame, manifest, membership, attack: str, en
     data = build_inputs(errors, manifest, membership, decoder, needs=needs)
     estimator = build_attack(kind, **params).fit(data.X_fit, data.y_fit)
     shadows = listed_models(membership)
-    ids = data.X_fit.sample_ids
+    trained = {
+        m: set(g.filter(pl.col("is_in"))["sample_id"].to_list())
+        for (m,), g in membership.group_by("model")
+    }
+    models = [m for m in shadows if m != FIT_MODEL]
+    pool = data.X_fit.sample_ids
     scores, ins = [], []
-    for model in (m for m in shadows if m != FIT_MODEL):
-        others = [m for m in shadows if m != model]
-        X = observations(errors, model, OWN_DECODER, ids, others, membership, needs)
-        scores.append(estimator.score_samples(X))
-        is_in = dict(
-            membership.filter(pl.col("model") == model).select("sample_id", "is_in").rows()
-        )
-        ins.append(np.array([is_in.get(s, False) for s in ids], dtype=bool))
-    return np.stack(scores), np.stack(ins), [m for m in shadows if m != FIT_MODEL]
+    for model, refs in zip(models, reference_sets(needs, shadows, models), strict=True):
+        keep = np.array([not any(s in trained[r] for r in refs) for s in pool], dtype=bool)
+        if not keep.any():
+            raise ValueError(
+                f"reference model {model!r}: every adversary image trained one of its references "
+                f"{refs}, so none is scored as the target's collection is (all references OUT)"
+            )
+        # Scored within the whole pool (half of it the model's members, as the target's audit
+        # set is half its members): the attacks centre a model on the set they score.
+        X = observations(errors, model, decoder, pool, refs, membership, needs)
+        scores.append(estimator.score_samples(X)[keep])
+        ins.append(np.isin(pool[keep], list(trained[model])))
+    return Calibration(estimator, needs, shadows, models, scores, ins)
+
+
+def target_scores(cal: Calibration, errors: pl.DataFrame, membership, decoder, audit, ids):
+    """The target's scores ``[scorings, images]`` of ``ids`` under ``decoder``, once with each
+    of the calibration's reference sets (once for an attack without reference models).
+
+    Most attacks centre a model's statistics on the set they score (a median, RMIA's
+    population), so a collection scored alone would be judged against itself: one the target
+    trained on throughout would look like an average one. The target is therefore scored on
+    the ``audit`` images (the split's target roles, half members, as a reference model's
+    calibration images are half its members); an image outside them is scored appended to
+    them in chunks of at most 1 % of their number, which moves their medians by at most half
+    a percentile."""
+    from mimia.attacks.inputs import observations
+
+    audit = np.asarray(audit, dtype=str)
+    outside = np.setdiff1d(ids, audit)
+    chunk = max(1, len(audit) // 100)
+    sets = cal.reference_sets() if "references" in cal.needs else [[]]
+    out = []
+    for refs in sets:
+
+        def score(batch, refs=refs):
+            X = observations(errors, TARGET, decoder, batch, refs, membership, cal.needs)
+            return dict(zip(X.sample_ids, cal.attack.score_samples(X), strict=True))
+
+        found = score(audit)
+        for i in range(0, len(outside), chunk):
+            part = outside[i : i + chunk]
+            scored = score(np.concatenate([audit, part]))
+            found.update({s: scored[s] for s in part})
+        out.append([found[s] for s in ids])
+    return np.array(out, dtype=np.float64)
 
 
 def usage_stage(
@@ -325,7 +423,6 @@ def usage_stage(
     errors: PathLike,
     manifest: PathLike,
     membership: PathLike | Sequence[PathLike],
-    scores: Sequence[PathLike],
     json: PathLike,
     parquet: PathLike,
     figure: PathLike,
@@ -334,54 +431,61 @@ def usage_stage(
     usage: dict,
     split: dict,
     seed: int,
+    calibration_errors: PathLike | Sequence[PathLike] = (),
+    collection_tables: PathLike | Sequence[PathLike] = (),
+    collection_errors: PathLike | Sequence[PathLike] = (),
 ) -> list[dict]:
-    """Estimate each collection's used fraction per (decoder, attack) in ``pairs`` (aligned
-    with the attack stage's ``scores`` files); write ``json``, ``parquet`` and ``figure``."""
+    """Estimate each collection's used fraction per (decoder, attack) in ``pairs``; write
+    ``json``, ``parquet`` and ``figure``.
+
+    ``errors``: the experiment's error table. ``calibration_errors``: the reference models
+    under the encoder-only decoder modes the pairs use, on the adversary's images.
+    ``collection_tables`` and ``collection_errors``: the image tables of the collections given
+    as image sources (:mod:`mimia.data.collections`) and every model's errors on them."""
     import mimia
-    from mimia.provenance import provenance, write_parquet
+    from mimia.provenance import provenance, read_metadata, write_parquet
     from mimia.report.usage import usage_figure
     from mimia.storage import write_json
 
-    if len(scores) != len(pairs):
-        raise ValueError(f"{len(scores)} score files for {len(pairs)} (decoder, attack) pairs")
     man = pl.read_parquet(manifest)
     member_ids = set(man.filter(pl.col("role") == "target_member")["sample_id"].to_list())
-    collections = {}
+    audit = np.sort(man.filter(pl.col("role").is_in(TARGET_ROLES))["sample_id"].to_numpy())
+    external = {}
+    for path in _paths(collection_tables):
+        meta = read_metadata(path)
+        external[meta["collection"]] = (pl.read_parquet(path), meta)
+    collections, truth = {}, {}
     for name, spec in usage["collections"].items():
+        if "source" in spec:
+            if name not in external:
+                raise ValueError(f"usage.collections.{name}: no image table was given for it")
+            table, meta = external[name]
+            collections[name] = np.sort(table["sample_id"].to_numpy().astype(str))
+            truth[name] = float(meta["true_fraction"])
+            continue
         ids = collection_ids(name, spec, man, split, seed)
         check_outside_adversary(name, ids, man)
         collections[name] = ids
-    err = pl.read_parquet(errors)
-    mem = pl.concat(
-        [
-            pl.read_parquet(p)
-            for p in ([membership] if isinstance(membership, str | os.PathLike) else membership)
-        ]
+        truth[name] = float(np.mean([s in member_ids for s in ids]))
+    split_err = pl.concat(
+        [pl.read_parquet(p) for p in [errors, *_paths(calibration_errors)]],
+        how="vertical_relaxed",
     )
-    fitted, rows = {}, []
-    for path, (decoder, attack) in zip(scores, pairs, strict=True):
-        if attack not in fitted:
-            ref_s, ref_in, models = reference_scores(
-                err, man, mem, attack, attacks[attack], decoder
-            )
-            fitted[attack] = (
-                UsageEstimator(usage["n_bootstrap"], usage["confidence"], seed).fit(ref_s, ref_in),
-                models,
-            )
-        estimator, models = fitted[attack]
-        table = pl.read_parquet(path).select("sample_id", "score")
-        by_id = dict(table.rows())
+    # The collections' errors serve the target's scoring only: calibration reads the split's.
+    err = pl.concat(
+        [split_err, *(pl.read_parquet(p) for p in _paths(collection_errors))],
+        how="vertical_relaxed",
+    )
+    mem = pl.concat([pl.read_parquet(p) for p in _paths(membership)])
+    rows = []
+    for decoder, attack in pairs:
+        cal = calibration(split_err, man, mem, attack, attacks[attack], decoder)
+        estimator = UsageEstimator(usage["n_bootstrap"], usage["confidence"], seed).fit(
+            cal.scores, cal.membership
+        )
         for name, ids in collections.items():
-            missing = [s for s in ids if s not in by_id]
-            if missing:
-                raise ValueError(
-                    f"{path} lacks scores of {len(missing)} images of collection {name!r}"
-                )
-            result = estimator.estimate(np.array([by_id[s] for s in ids]))
-            # The reference models are scored with their own decoders: only that mode's rates
-            # describe the target's scoring.
-            if result.status == "estimate" and decoder != OWN_DECODER:
-                result = _uncalibrated(result, decoder)
+            scores = target_scores(cal, err, mem, decoder, audit, ids)
+            result = estimator.estimate(scores)
             rows.append(
                 {
                     "collection": name,
@@ -389,9 +493,9 @@ def usage_stage(
                     "decoder": decoder,
                     "attack": attack,
                     # From the split, for validation only: a real audit does not know it.
-                    "true_fraction": float(np.mean([s in member_ids for s in ids])),
+                    "true_fraction": truth[name],
                     **result.as_dict(),
-                    "rates_source": _rates_source(attack, models, decoder, estimator),
+                    "rates_source": _rates_source(attack, cal, decoder, estimator.threshold_),
                 }
             )
     frame = pl.DataFrame(rows, infer_schema_length=None)
@@ -402,7 +506,6 @@ def usage_stage(
         {
             "meaning": MEANING,
             "naive_note": NAIVE_NOTE,
-            "uncalibrated_note": UNCALIBRATED_NOTE,
             "mimia_version": mimia.__version__,
             "validation": validation_summary(frame),
             "results": rows,
@@ -410,6 +513,12 @@ def usage_stage(
     )
     usage_figure(frame, figure)
     return rows
+
+
+def _paths(value) -> list:
+    if isinstance(value, str | os.PathLike):
+        return [value]
+    return list(value or [])
 
 
 def validation_summary(frame: pl.DataFrame) -> list[dict]:
@@ -443,32 +552,30 @@ def validation_summary(frame: pl.DataFrame) -> list[dict]:
     return out
 
 
-def _uncalibrated(result: UsageEstimate, decoder: str) -> UsageEstimate:
-    reason = (
-        f"uncalibrated: the target is scored under the {decoder!r} decoder and the rates come "
-        "from reference models scored with their own decoders, so they need not hold; see "
-        "uncalibrated_note"
+def _rates_source(attack: str, cal: Calibration, decoder: str, threshold: float) -> str:
+    # Each model's own rates at the pooled threshold: their spread is the between-model
+    # variation a target may also show, which few reference models bound poorly.
+    sizes = ", ".join(
+        f"{m} on {len(x)} ({int(y.sum())} IN; TPR {np.mean(x[y] >= threshold):.2f}, "
+        f"FPR {np.mean(x[~y] >= threshold):.2f})"
+        for m, x, y in zip(cal.models, cal.scores, cal.membership, strict=True)
     )
-    reason = "; ".join(filter(None, [reason, result.reason]))
-    return replace(result, status="uncalibrated", reason=reason)
-
-
-def _rates_source(attack: str, models, decoder: str, estimator: UsageEstimator) -> str:
-    text = (
-        f"attack {attack!r} scoring each of {', '.join(models)} as the target (fitted on "
-        "shadow0, the other shadow models as references) with its own decoder on the "
-        f"adversary's {estimator.reference_scores_.shape[1]} images of known membership; "
-        "threshold maximising TPR - FPR"
+    refs = (
+        "the other shadow models as references, all OUT on these images"
+        if "references" in cal.needs
+        else "no reference models"
     )
-    if decoder != OWN_DECODER:
-        text += (
-            f"; the target is scored under the {decoder!r} decoder, so these rates need not "
-            "hold for it (status 'uncalibrated')"
-        )
-    return text
+    return (
+        f"attack {attack!r} (fitted on shadow0) scoring each reference model as the target is "
+        f"scored, under the {decoder!r} decoder mode with {refs}: {sizes} adversary images of "
+        "known membership; threshold maximising TPR - FPR"
+    )
 
 
 def _spec_text(spec: dict) -> str:
+    if "source" in spec:
+        src = spec["source"]
+        return f"{src['name']} {src.get('path') or src.get('urls')}"
     if "role" in spec:
         return f"role {spec['role']}"
     return f"{spec['size']} images, fraction {spec['fraction']} from target_member"

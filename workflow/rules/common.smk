@@ -61,6 +61,15 @@ wildcard_constraints:
     shard=r"\d{6}",
     model=rf"{TARGET}|shadow\d+",
     decoder="|".join(DECODER_MODES),
+    collection="|".join(
+        sorted(
+            {
+                re.escape(c)
+                for e in EXPERIMENTS.values()
+                for c in e["usage"]["collections"]
+            }
+        )
+    ),
     attack="|".join(
         sorted({re.escape(a) for e in EXPERIMENTS.values() for a in e["attacks"]})
     ),
@@ -290,15 +299,38 @@ def usage_pairs(experiment):
     return [[d, a] for d in e["decoder"] for a in usage_attacks(e, experiment)]
 
 
+def source_collections(e):
+    """The usage collections given as image sources (not roles of the split)."""
+    return [n for n, spec in e["usage"]["collections"].items() if "source" in spec]
+
+
 def usage_inputs(wildcards):
-    e = EXPERIMENTS[wildcards.experiment]
-    lay = Layout(RESULTS, wildcards.experiment)
+    """The error table; the reference models shadow1..N-1 under each encoder-only decoder mode
+    on the adversary's images (their calibration); and for a collection given as images, its
+    table and every model's errors on it (the target under each mode, the shadow models as
+    references)."""
+    name = wildcards.experiment
+    e = EXPERIMENTS[name]
+    lay = Layout(RESULTS, name)
+    shadows = shadow_models(e["shadow"]["count"])
+    calibrated = [
+        lay.errors(m, d, role, i)
+        for d in e["decoder"]
+        if d != OWN_DECODER
+        for m in shadows[1:]
+        for role in SHADOW_ROLES
+        for i in range(shard_count(e["split"], role))
+    ]
+    sources = source_collections(e)
+    scored = [(TARGET, d) for d in e["decoder"]] + [(m, OWN_DECODER) for m in shadows]
     return {
         "errors": lay.all_errors,
         "manifest": lay.manifest,
-        "membership": [lay.membership(m) for m in shadow_models(e["shadow"]["count"])],
-        "scores": [
-            lay.attack(d, a, "scores") for d, a in usage_pairs(wildcards.experiment)
+        "membership": [lay.membership(m) for m in shadows],
+        "calibration_errors": calibrated,
+        "collection_tables": [lay.collection_table(c) for c in sources],
+        "collection_errors": [
+            lay.collection_errors(c, m, d) for c in sources for m, d in scored
         ],
     }
 

@@ -51,8 +51,7 @@ def usage_figure(frame: pl.DataFrame, out) -> None:
             raw = g["estimate_raw"].to_numpy()
             off = g["clipped"].to_numpy() & (raw >= -0.1) & (raw <= 1.1)
             ax.plot(f[off], raw[off], "x", color=color, ms=4)
-        uncalibrated = frame.filter(pl.col("decoder") == decoder)["status"] == "uncalibrated"
-        ax.set_title(f"decoder: {decoder}" + (" (uncalibrated)" if uncalibrated.any() else ""))
+        ax.set_title(f"decoder: {decoder}")
         ax.set_xlabel("true fraction used")
         ax.set_xlim(-0.1, 1.1)
         ax.set_ylim(-0.1, 1.1)
