@@ -162,6 +162,20 @@ def test_an_estimate_outside_0_1_is_clipped_with_the_raw_value_beside_it():
     assert f"{result.estimate_raw:.3f}" in result.reason and "clipped" in result.reason
 
 
+def test_no_estimate_when_no_fraction_agrees_with_the_reference_rates():
+    rng = np.random.default_rng(4)
+    ref_in = rng.random((3, 400)) < 0.5
+    # A weak attack (members shifted by 0.1 sd) and a target whose every score lies below any
+    # reference threshold: the raw estimate and its whole CI are negative.
+    ref = rng.normal(0, 1, ref_in.shape) + 0.1 * ref_in
+    result = UsageEstimator(n_bootstrap=200).fit(ref, ref_in).estimate(np.full(100, -10.0))
+    assert result.status == "no estimate" and result.estimate is None and result.ci_low is None
+    assert result.ci_high_raw < 0 and result.estimate_raw < result.ci_high_raw
+    assert result.naive == 0.0
+    assert "wholly outside [0, 1]" in result.reason
+    assert f"{result.estimate_raw:.3f}" in result.reason
+
+
 def test_no_estimate_when_tpr_does_not_exceed_fpr_on_the_reference_models():
     ref_in = np.array([[True, True, False, False]])
     # Members score below every non-member: no threshold has TPR > FPR.

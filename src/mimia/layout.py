@@ -41,9 +41,6 @@ def adapted_base(model: str) -> str | None:
     return model.removesuffix(ADAPTED_SUFFIX) if model.endswith(ADAPTED_SUFFIX) else None
 
 
-ADAPTED_TARGET = adapted_model("target")
-
-
 def shadow_model(index: int) -> str:
     return f"shadow{index}"
 

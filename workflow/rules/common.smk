@@ -23,7 +23,6 @@ from mimia.config import (
 )
 from mimia.data.sources import source_fingerprint
 from mimia.layout import (
-    ADAPTED_TARGET,
     DECODER_MODES,
     IMPORTED_TARGET,
     OWN_DECODER,
