@@ -53,6 +53,18 @@ def _folder(root, split, roles: dict[str, int], outside: int = 0, copies: int = 
     return root
 
 
+def _write(folder, manifest, table, shard):
+    return write_collection(
+        name="owner",
+        source={"name": "image_folder", "path": str(folder)},
+        manifest=manifest,
+        img_size=16,
+        table=table,
+        shard=shard,
+        seed=3,
+    )
+
+
 def test_a_folder_becomes_a_shard_with_its_true_fraction(split, tmp_path):
     path, manifest = split
     folder = _folder(tmp_path / "owner", manifest, {"target_member": 4}, outside=4)
@@ -83,15 +95,7 @@ def test_verify_checks_the_collection_shard_against_its_table(split, tmp_path):
     (exp / "manifest.parquet").write_bytes(path.read_bytes())
     folder = _folder(tmp_path / "owner", manifest, {"target_nonmember": 3}, outside=3)
     table, shard = exp / "usage/owner/images.parquet", exp / "usage/owner/images.tar"
-    write_collection(
-        name="owner",
-        source={"name": "image_folder", "path": str(folder)},
-        manifest=path,
-        img_size=16,
-        table=table,
-        shard=shard,
-        seed=3,
-    )
+    _write(folder, path, table, shard)
     assert float(read_metadata(table)["true_fraction"]) == 0.0
     code, lines = verify(exp)
     assert code == 0, "\n".join(lines)
@@ -121,15 +125,7 @@ def test_bad_collections_are_refused_and_leave_nothing(
     folder = _folder(tmp_path / "owner", manifest, roles, outside, copies)
     table, shard = tmp_path / "images.parquet", tmp_path / "images.tar"
     with pytest.raises(ValueError, match=message):
-        write_collection(
-            name="owner",
-            source={"name": "image_folder", "path": str(folder)},
-            manifest=path,
-            img_size=16,
-            table=table,
-            shard=shard,
-            seed=3,
-        )
+        _write(folder, path, table, shard)
     assert not table.exists() and not shard.exists()
 
 

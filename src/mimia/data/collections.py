@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 
 from mimia.data.shards import write_tar_shard
-from mimia.data.sources import load_source
+from mimia.data.sources import ImageSource, load_source
 from mimia.data.splits import MANIFEST_SCHEMA, duplicate_groups, manifest_hash, manifest_rows_sha256
 from mimia.layout import SHADOW_ROLES
 from mimia.provenance import provenance, read_metadata, write_parquet
@@ -28,8 +28,9 @@ from mimia.provenance import provenance, read_metadata, write_parquet
 COLLECTION_ROLE = "usage_collection"
 
 
-def collection_rows(name: str, source_cfg: dict) -> pl.DataFrame:
-    """One manifest-shaped row per image of the source, in its key order.
+def collection_rows(name: str, source_cfg: dict) -> tuple[pl.DataFrame, ImageSource]:
+    """One manifest-shaped row per image of the source, in its key order, and the opened
+    source (webdataset shards are read into memory once).
 
     Copies of one image within the collection are refused: the estimate is a fraction of
     distinct images, and a copy would count one image's membership twice."""
@@ -45,7 +46,7 @@ def collection_rows(name: str, source_cfg: dict) -> pl.DataFrame:
             f"more than once (same pixels), e.g. {examples}; keep one copy of each"
         )
     labels = source.labels if source.labels is not None else np.full(len(source), -1)
-    return pl.DataFrame(
+    rows = pl.DataFrame(
         {
             "sample_id": [f"usage-{name}-{i:06d}" for i in range(len(source))],
             "source_index": np.arange(len(source), dtype=np.int64),
@@ -56,6 +57,7 @@ def collection_rows(name: str, source_cfg: dict) -> pl.DataFrame:
         },
         schema=MANIFEST_SCHEMA,
     )
+    return rows, source
 
 
 def check_outside_split(name: str, rows: pl.DataFrame, manifest: pl.DataFrame) -> None:
@@ -101,11 +103,11 @@ def write_collection(
     metadata records the collection, its source, the split it was checked against and
     ``true_fraction``. The shard is written first and removed if the table cannot be."""
     split = pl.read_parquet(manifest)
-    rows = collection_rows(name, source)
+    rows, images = collection_rows(name, source)
     check_outside_split(name, rows, split)
     shard = Path(shard)
-    # Opened by key, as role shards are, so each image is checked against its recorded hash.
-    write_tar_shard(rows, load_source(source, keys=rows["key"].to_list()), img_size, shard)
+    # Each image is checked against its recorded hash again as it is written.
+    write_tar_shard(rows, images, img_size, shard)
     meta = provenance(
         seed=seed,
         manifest_sha256=manifest_hash(rows),
