@@ -301,6 +301,8 @@ def test_cifar10_usage_preset_dry_runs_on_the_study_base(tmp_path, folder):
     extra = _override(folder, {})
     sizes = {f"f{round(100 * f)}": {"fraction": f, "size": 4} for f in (0, 0.25, 0.5, 0.75, 1)}
     extra["defaults"]["usage"] = {"collections": sizes}
+    # Enough never-trained-on images to calibrate shadow1..3 (the usage check asks for 40).
+    extra["defaults"]["split"]["shadow_nonmember"] = 56
     _, jobs = _dry_run(tmp_path, preset, extra)
     study = resolve_experiments(yaml.safe_load((PRESETS / "cifar10-cpu-study.yaml").read_text()))
     usage = resolve_experiments(yaml.safe_load(preset.read_text()))["cifar10-usage"]
